@@ -1,0 +1,1 @@
+"""Fitting alpha to real text (calibrate) and measuring entropy calibration (evaluate)."""

@@ -1,0 +1,1 @@
+"""The `epic-ort` command line."""

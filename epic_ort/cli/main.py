@@ -1,0 +1,156 @@
+"""`epic-ort` commands. Errors a user can fix become one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import EpicOrtError
+
+DEFAULT_PROMPT = "Once upon a time, in a small village by the sea,"
+
+
+class _Group(click.Group):
+    """Turns EpicOrtError into `epic-ort: error: ...` (exit 2) and Ctrl-C into exit 130."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EpicOrtError as e:
+            click.echo(f"epic-ort: error: {e}", err=True)
+            ctx.exit(2)
+        except FileExistsError as e:
+            click.echo(f"epic-ort: error: {e} already exists; pass --force to replace it", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("epic-ort: interrupted", err=True)
+            ctx.exit(130)
+        except BrokenPipeError:
+            ctx.exit(0)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="epic-ort")
+def main() -> None:
+    """Entropy-aligned decoding (EPIC) on ONNX Runtime."""
+
+
+# -- export --------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("model")
+@click.argument("output_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--opset", type=click.IntRange(11, 23), default=None, help="ONNX opset (Optimum's default if unset).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Dynamic int8 weight quantization.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT_DIR if it exists.")
+def export(model: str, output_dir: Path, opset: int | None, dtype: str, quantize: str | None, force: bool) -> None:
+    """Export MODEL (a local HF folder, a hub id, or the alias smollm2-135m) to OUTPUT_DIR."""
+    from ..export import export as run_export
+
+    manifest = run_export(model, output_dir, opset=opset, dtype=dtype, force=force, quantize=quantize)
+    click.echo(
+        f"exported {manifest.source} -> {output_dir} ({manifest.num_layers} layers, vocab {manifest.vocab_size}, "
+        f"{manifest.dtype}{', int8' if manifest.quantization else ''})"
+    )
+
+
+# -- generate ------------------------------------------------------------------------------
+
+
+def _parse_alpha(ctx: click.Context, param: click.Parameter, value: str | None) -> float | str | None:
+    if value is None:
+        return None
+    if value == "auto":
+        return "auto"
+    try:
+        a = float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a number nor 'auto'") from None
+    if a != a or a in (float("inf"), float("-inf")):
+        raise click.BadParameter("alpha must be finite")
+    return a
+
+
+PROVIDER = click.Choice(["auto", "cpu", "cuda", "tensorrt"])
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("prompt", nargs=-1)
+@click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="One prompt a line.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--num-samples", "-n", type=click.IntRange(min=1), default=1, show_default=True, help="Samples per prompt.")
+@click.option("--seed", type=int, default=None, help="Same seed, same tokens.")
+@click.option("--greedy", is_flag=True, help="Argmax decoding.")
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--min-p", type=click.FloatRange(0, 1), default=0.0, show_default=True)
+@click.option("--typical-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--alpha", callback=_parse_alpha, default=None, help="EPIC strength: a number or 'auto' (calibrated). 0 = plain.")
+@click.option("--horizon", type=click.IntRange(min=1), default=4, show_default=True, help="EPIC lookahead tokens k.")
+@click.option("--rollouts", type=click.IntRange(min=1), default=2, show_default=True, help="EPIC rollouts R.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--provider", type=PROVIDER, default="auto", show_default=True)
+@click.option("--chat", is_flag=True, help="Wrap each prompt in the tokenizer's chat template.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable); EOS always stops.")
+@click.option("--truncate", type=click.Choice(["error", "left"]), default="error", show_default=True,
+              help="What to do with a prompt longer than the context: refuse, or keep its end.")
+@click.option("--format", "fmt", type=click.Choice(["text", "jsonl"]), default="text", show_default=True)
+def generate(model_dir: Path, prompt: tuple[str, ...], prompt_file: Path | None, max_new_tokens: int, num_samples: int,
+             seed: int | None, greedy: bool, temperature: float, top_k: int, top_p: float, min_p: float,
+             typical_p: float, alpha: float | str | None, horizon: int, rollouts: int, batch_size: int,
+             provider: str, chat: bool, stop: tuple[str, ...], truncate: str, fmt: str) -> None:
+    """Generate text from MODEL_DIR (an `epic-ort export` folder)."""
+    from .. import decoding as gen
+    from ..runtime.model import load
+
+    if not greedy and temperature <= 0:
+        raise click.BadParameter("must be > 0 (or pass --greedy)", param_hint="--temperature")
+    prompts = list(prompt)
+    if prompt_file is not None:
+        prompts += [line.rstrip("\n") for line in prompt_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        prompts = [DEFAULT_PROMPT]
+    model = load(model_dir, provider=provider)
+    a = 0.0 if alpha is None else alpha
+    if a == "auto":
+        from ..calibration.store import resolve_auto_alpha
+
+        a = resolve_auto_alpha(model, horizon=horizon, rollouts=rollouts)
+    config = gen.GenerationConfig(
+        max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
+        min_p=min_p, typical_p=typical_p, stop=tuple(stop), seed=seed, alpha=float(a), horizon=horizon,
+        rollouts=rollouts, truncate=truncate,
+    )
+    stream = fmt == "text" and len(prompts) == 1 and num_samples == 1
+    out = click.get_text_stream("stdout")
+
+    def on_token(row: Any, piece: str) -> None:
+        out.write(piece)
+        out.flush()
+
+    samples = gen.generate(model, prompts, config, num_samples=num_samples, batch_size=batch_size, chat=chat,
+                           on_token=on_token if stream else None)
+    for s in samples:
+        if fmt == "jsonl":
+            out.write(json.dumps(s.to_json(), ensure_ascii=False) + "\n")
+        elif stream:
+            out.write("\n")
+        else:
+            out.write(f"=== prompt {s.prompt_index} sample {s.sample_index} ({s.finish_reason}) ===\n{s.text}\n")
+        out.flush()
+
+
+def run() -> None:  # pragma: no cover - console entry point alias
+    main()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

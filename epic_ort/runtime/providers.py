@@ -1,0 +1,108 @@
+"""Execution-provider choice and options, kept free of any session so it is testable without a GPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import InvalidRequestError
+
+PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
+_ORT_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def trt_profile_shapes(
+    input_names: Sequence[str],
+    num_kv_heads: int,
+    head_dim: int,
+    max_batch: int,
+    max_positions: int,
+) -> dict[str, str]:
+    """Explicit TensorRT optimization profiles for every dynamic input, past KV included.
+
+    Without them TensorRT rebuilds its engine whenever a shape leaves the one it first saw,
+    which for a growing KV cache is every step."""
+    opt_batch = max(1, min(8, max_batch))
+    opt_len = min(512, max_positions)
+
+    def dims(name: str, batch: int, seq: int, past: int) -> str:
+        if name.startswith("past_key_values"):
+            return f"{name}:{batch}x{num_kv_heads}x{past}x{head_dim}"
+        if name == "attention_mask":
+            return f"{name}:{batch}x{past + seq}"
+        return f"{name}:{batch}x{seq}"
+
+    def profile(batch: int, seq: int, past: int) -> str:
+        return ",".join(dims(n, batch, seq, past) for n in input_names)
+
+    return {
+        "trt_profile_min_shapes": profile(1, 1, 0),
+        "trt_profile_opt_shapes": profile(opt_batch, 1, opt_len),
+        "trt_profile_max_shapes": profile(max_batch, max_positions, max_positions),
+    }
+
+
+def resolve_providers(
+    provider: str,
+    model_dir: str | os.PathLike,
+    *,
+    input_names: Sequence[str] = (),
+    num_kv_heads: int = 1,
+    head_dim: int = 1,
+    max_positions: int = 2048,
+    max_batch: int = 64,
+    fp16: bool = False,
+    available: Sequence[str] | None = None,
+) -> list[tuple[str, dict[str, Any]]]:
+    """Turn a user's provider word into ORT's (name, options) list, CPU always last as fallback.
+
+    `auto` takes CUDA when this onnxruntime build has it, else CPU: TensorRT is only used when
+    asked, because its first engine build takes minutes."""
+    if provider not in PROVIDERS:
+        raise InvalidRequestError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    have = list(available) if available is not None else available_providers()
+    cpu = ("CPUExecutionProvider", {})
+    if provider == "auto":
+        provider = "cuda" if _ORT_NAMES["cuda"] in have else "cpu"
+    if provider == "cpu":
+        return [cpu]
+    name = _ORT_NAMES[provider]
+    if name not in have:
+        raise InvalidRequestError(
+            f"provider {provider!r} is not available in this onnxruntime build (it has: {', '.join(have)}); "
+            "install onnxruntime-gpu (`pip uninstall -y onnxruntime && pip install onnxruntime-gpu`) on a machine with an NVIDIA GPU"
+        )
+    cuda = ("CUDAExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"})
+    if provider == "cuda":
+        return [cuda, cpu]
+    cache = Path(model_dir) / "trt_cache"
+    trt_opts: dict[str, Any] = {
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(cache),
+        "trt_fp16_enable": bool(fp16),
+        "trt_max_workspace_size": 2 << 30,
+    }
+    trt_opts.update(trt_profile_shapes(input_names, num_kv_heads, head_dim, max_batch, max_positions))
+    out = [(name, trt_opts)]
+    if _ORT_NAMES["cuda"] in have:
+        out.append(cuda)
+    out.append(cpu)
+    return out
+
+
+def device_of(providers: list[tuple[str, dict[str, Any]]]) -> str:
+    """Where the KV cache should live: on the GPU for CUDA/TensorRT, else host memory."""
+    return "cuda" if providers[0][0] in (_ORT_NAMES["cuda"], _ORT_NAMES["tensorrt"]) else "cpu"

@@ -1,0 +1,52 @@
+"""Drawing tokens from processed logits with one random stream per sample.
+
+Each sample owns a `numpy.random.Generator` seeded from (seed, prompt index, sample index), so a
+sample's tokens do not depend on the batch it happened to share. Plain sampling uses inverse-CDF
+draws (one uniform per row, the rest vectorized over the batch); EPIC uses Gumbel-max because its
+lazy search needs a per-token perturbation.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def sample_rng(seed: int, prompt_index: int, sample_index: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), int(prompt_index), int(sample_index)])
+
+
+def greedy(scores: np.ndarray) -> np.ndarray:
+    """argmax per row; ties go to the lowest id, as in torch.argmax."""
+    return np.argmax(scores, axis=-1).astype(np.int64)
+
+
+def probs_from_scores(scores: np.ndarray) -> np.ndarray:
+    """Softmax in float64 so that inverse-CDF sampling does not lose low-probability tokens."""
+    x = scores.astype(np.float64)
+    m = np.max(x, axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    p = np.exp(x - m)
+    return p / p.sum(axis=-1, keepdims=True)
+
+
+def sample_categorical(scores: np.ndarray, rngs: Sequence[np.random.Generator]) -> np.ndarray:
+    """One draw per row from softmax(scores) by inverse CDF: one uniform from each row's stream."""
+    probs = probs_from_scores(scores)
+    cdf = np.cumsum(probs, axis=-1)
+    u = np.array([rng.random() for rng in rngs], dtype=np.float64)[:, None] * cdf[:, -1:]
+    idx = (cdf <= u).sum(axis=-1)
+    # never land on a zero-probability token through rounding at the top end
+    idx = np.minimum(idx, scores.shape[-1] - 1)
+    bad = probs[np.arange(len(idx)), idx] == 0
+    if bad.any():
+        idx[bad] = np.argmax(probs[bad], axis=-1)
+    return idx.astype(np.int64)
+
+
+def gumbel(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Standard Gumbel noise, float64: g = -log(-log(U)), U in (0, 1)."""
+    u = rng.random(size)
+    u = np.maximum(u, np.finfo(np.float64).tiny)
+    return -np.log(-np.log(u))

