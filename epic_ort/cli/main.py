@@ -130,7 +130,7 @@ def generate(model_dir: Path, prompt: tuple[str, ...], prompt_file: Path | None,
         rollouts=rollouts, truncate=truncate,
     )
     stream = fmt == "text" and len(prompts) == 1 and num_samples == 1
-    out = click.get_text_stream("stdout")
+    out = sys.stdout
 
     def on_token(row: Any, piece: str) -> None:
         out.write(piece)

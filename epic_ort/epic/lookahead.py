@@ -1,0 +1,91 @@
+"""Rao-Blackwellized lookahead entropy Ĥ(y) for many candidates at once.
+
+    Ĥ(y) = (1/R) Σ_r Σ_{j<k} Entropy(q(· | x, y, rollout_r[:j]))
+
+All candidates of a block (from any rows of the batch) run together: the prefix cache is forked
+once to the candidate rows, depth 0 feeds the candidates (R copies would compute the same thing,
+so it runs once per candidate), then the cache is tiled to R rollouts per candidate and each
+further depth is one ORT call. The prefix is never re-run. Depth 0's logits and cache are
+returned so the chosen candidate's next decoding step costs nothing.
+
+Rollout randomness comes from per-candidate uniforms supplied by the caller, so Ĥ(y) does not
+depend on which other candidates shared the call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ..runtime.model import CausalLM, KVCache
+from ..sampling.processors import ProcessorList, entropy
+from ..sampling.sample import probs_from_scores
+
+
+@dataclass
+class Lookahead:
+    entropy: np.ndarray  # [n] Ĥ per candidate
+    first_logits: np.ndarray  # [n, V] raw logits of q(. | x, y)
+    first_cache: KVCache  # n rows: the prefix plus y
+    calls: int  # ORT calls made
+    rows: int  # rows run, summed over calls
+
+
+def _inverse_cdf(probs: np.ndarray, u: np.ndarray) -> np.ndarray:
+    cdf = np.cumsum(probs, axis=-1)
+    idx = (cdf <= (u * cdf[:, -1])[:, None]).sum(axis=-1)
+    return np.minimum(idx, probs.shape[-1] - 1)
+
+
+def lookahead_entropy(
+    model: CausalLM,
+    cache: KVCache,
+    parents: Sequence[int],
+    candidates: Sequence[int],
+    uniforms: np.ndarray,
+    horizon: int,
+    processors: ProcessorList | None = None,
+) -> Lookahead:
+    """Ĥ for candidate i = token candidates[i] appended to cache row parents[i].
+
+    uniforms: [n, R, horizon-1] in [0, 1), the rollout draws of each candidate (inverse CDF).
+    An entropy after EOS counts as 0; rollouts also stop at the model's context limit.
+    """
+    parents = np.asarray(parents, dtype=np.int64)
+    cands = np.asarray(candidates, dtype=np.int64)
+    n = cands.size
+    eos = np.array(sorted(model.eos_token_ids), dtype=np.int64)
+    procs = processors if processors is not None and len(processors) else None
+    no_ids = np.zeros((n, 0), dtype=np.int64)
+
+    forked = cache.select(parents)
+    logits0, cache0 = model.step(cands, forked)
+    calls, rows_run = 1, n
+    scores0 = procs(no_ids, logits0) if procs else logits0
+    alive0 = ~np.isin(cands, eos)
+    h = np.where(alive0, entropy(scores0), 0.0).astype(np.float64)
+
+    room = model.max_positions - int(cache0.next_position.max())
+    depth = min(horizon, room + 1)
+    if depth > 1:
+        rollouts = uniforms.shape[1]
+        tile = np.repeat(np.arange(n), rollouts)
+        cache_r = cache0.select(tile)
+        probs = probs_from_scores(scores0)[tile]
+        alive = alive0[tile]
+        acc = np.zeros(n * rollouts, dtype=np.float64)
+        u = uniforms.reshape(n * rollouts, -1)
+        for j in range(1, depth):
+            z = _inverse_cdf(probs, u[:, j - 1])
+            alive &= ~np.isin(z, eos)
+            logits_j, cache_r = model.step(z, cache_r)
+            calls += 1
+            rows_run += n * rollouts
+            scores_j = procs(np.zeros((n * rollouts, 0), dtype=np.int64), logits_j) if procs else logits_j
+            acc += np.where(alive, entropy(scores_j), 0.0)
+            if j + 1 < depth:
+                probs = probs_from_scores(scores_j)
+        h += acc.reshape(n, rollouts).mean(axis=1)
+    return Lookahead(h, logits0, cache0, calls, rows_run)

@@ -1,0 +1,144 @@
+"""EPIC's token chooser: lazy Gumbel-max over lookahead entropies, many rows sharing calls.
+
+Per step and row: Gumbels g_y for every token and one rollout seed come from the row's own random
+stream; the rollout draws of candidate y are a function of (seed, y) alone, so Ĥ(y) is the same
+whichever block or batch evaluated it (this is what makes lazy evaluation provably equal to eager).
+
+Rounds: each round, every unfinished row proposes a block of candidates (first round: the top
+`first_block` bounds, sized from how many the previous step needed; later rounds: every candidate
+whose bound still beats the row's best score), all blocks run through one lookahead (k ORT calls),
+and rows update their best. Usually one round suffices, so a token costs about k forward passes,
+and the winner's depth-0 logits and cache become the next step's, so no extra decoding call.
+
+With horizon 1 Ĥ is deterministic, so rows whose whole history is identical (several samples of one
+prompt) evaluate each shared candidate once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..decoding import Row, StepResult
+from ..runtime.model import CausalLM, KVCache
+from ..sampling.processors import ProcessorList, log_softmax
+from ..sampling.sample import gumbel
+from .lazy import LazySearch
+from .lookahead import lookahead_entropy
+
+MAX_ROWS_PER_CALL = 256
+
+
+@dataclass
+class _RowSearch:
+    search: LazySearch
+    seed: int
+    group: Any
+    winner: tuple[int, int] | None = None  # (round, index in that round's lookahead)
+    evals: int = 0
+    calls: int = 0
+    rows: int = 0
+
+
+class EpicChooser:
+    def __init__(self, alpha: float, horizon: int = 4, rollouts: int = 2, processors: ProcessorList | None = None,
+                 first_block: int = 4, max_first_block: int = 64):
+        if horizon < 1 or rollouts < 1:
+            raise ValueError("horizon and rollouts must be >= 1")
+        self.alpha = float(alpha)
+        self.horizon = int(horizon)
+        self.rollouts = int(rollouts)
+        self.processors = processors if processors is not None else ProcessorList()
+        self.first_block = first_block
+        self.max_first_block = max_first_block
+        self._needed_ema = float(first_block)
+
+    def rollout_uniforms(self, seed: int, token: int) -> np.ndarray:
+        """[R, k-1] draws for candidate `token`, fixed by (row seed, token) alone."""
+        if self.horizon == 1:
+            return np.zeros((self.rollouts, 0))
+        return np.random.default_rng([seed, int(token)]).random((self.rollouts, self.horizon - 1))
+
+    def __call__(self, model: CausalLM, rows: Sequence[Row], logits: np.ndarray, scores: np.ndarray,
+                 cache: KVCache) -> StepResult:
+        vocab = scores.shape[-1]
+        h_max = self.horizon * math.log(vocab)
+        logq = log_softmax(scores).astype(np.float64)
+        states = []
+        for i, r in enumerate(rows):
+            g = gumbel(r.rng, vocab)
+            seed = int(r.rng.integers(2**63))
+            group = (tuple(r.prompt_ids), tuple(r.generated)) if self.horizon == 1 else i
+            states.append(_RowSearch(LazySearch(logq[i], g, self.alpha, h_max), seed, group))
+
+        rounds: list[Any] = []
+        first = True
+        while True:
+            block = max(1, min(self.max_first_block, math.ceil(self._needed_ema * 1.25))) if first else 0
+            first = False
+            requests: dict[Any, int] = {}  # (group, token) -> index in this round
+            parents: list[int] = []
+            tokens: list[int] = []
+            per_row: list[tuple[int, np.ndarray, list[int]]] = []
+            for i, st in enumerate(states):
+                if st.search.done:
+                    continue
+                cands = st.search.next_block(block)
+                if cands.size == 0:
+                    continue
+                slots = []
+                for tok in cands.tolist():
+                    key = (st.group, tok)
+                    if key not in requests:
+                        requests[key] = len(tokens)
+                        parents.append(i)
+                        tokens.append(tok)
+                        st.rows += 1 + self.rollouts * (self.horizon - 1)
+                    slots.append(requests[key])
+                per_row.append((i, cands, slots))
+            if not tokens:
+                break
+            uniforms = np.stack([self.rollout_uniforms(states[p].seed, t) for p, t in zip(parents, tokens)])
+            results = []
+            for lo in range(0, len(tokens), MAX_ROWS_PER_CALL):
+                hi = lo + MAX_ROWS_PER_CALL
+                results.append(lookahead_entropy(model, cache, parents[lo:hi], tokens[lo:hi], uniforms[lo:hi],
+                                                 self.horizon, self.processors))
+            h = np.concatenate([res.entropy for res in results])
+            calls = sum(res.calls for res in results)
+            rounds.append(results)
+            for i, cands, slots in per_row:
+                st = states[i]
+                st.search.update(cands, h[slots])
+                st.evals += len(slots)
+                st.calls += calls
+                hit = np.flatnonzero(cands == st.search.best_token)
+                if hit.size:  # the best can only have changed to a candidate of this round
+                    st.winner = (len(rounds) - 1, slots[int(hit[0])])
+
+        chosen = np.array([st.search.best_token for st in states], dtype=np.int64)
+        needed = np.mean([st.search.needed for st in states])
+        self._needed_ema = 0.7 * self._needed_ema + 0.3 * float(needed)
+        next_logits, next_cache = self._gather_winners(states, rounds)
+        stats = [{"entropy_evals": st.evals, "forward_passes": st.calls, "lookahead_rows": st.rows} for st in states]
+        return StepResult(chosen, next_logits, next_cache, stats)
+
+    @staticmethod
+    def _gather_winners(states: list[_RowSearch], rounds: list[Any]) -> tuple[np.ndarray, KVCache]:
+        """The chosen candidates' depth-0 logits and cache rows, in row order."""
+        parts_logits, parts_cache = [], []
+        for st in states:
+            r, j = st.winner  # type: ignore[misc]
+            chunk, k = divmod(j, MAX_ROWS_PER_CALL)
+            res = rounds[r][chunk]
+            parts_logits.append(res.first_logits[k])
+            parts_cache.append((r, chunk, k))
+        logits = np.stack(parts_logits)
+        sources = {(r, c) for r, c, _ in parts_cache}
+        if len(sources) == 1:
+            r, c = sources.pop()
+            return logits, rounds[r][c].first_cache.select([k for _, _, k in parts_cache])
+        return logits, KVCache.concat([rounds[r][c].first_cache.select([k]) for r, c, k in parts_cache])

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up, export SmolLM2-135M into models/ once, then generate with EPIC (alpha calibrated).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+MODEL=models/smollm2-135m
+if [ ! -f "$MODEL/epic_ort_manifest.json" ]; then
+  .venv/bin/epic-ort export smollm2-135m "$MODEL"
+fi
+.venv/bin/epic-ort generate "$MODEL" "${@:-It was a bright cold morning, and the village was just waking up when}" \
+  --alpha auto --max-new-tokens 64 --seed 0
