@@ -36,7 +36,7 @@ ALPHA_RANGE = (-10.0, 10.0)
 class CalibrationSettings:
     horizon: int = 4
     rollouts: int = 2
-    contexts: int = 64
+    contexts: int = 128
     context_tokens: int = 128
     seed: int = 0
     head_mass: float = 0.9
@@ -56,19 +56,31 @@ class EntropyMeasurements:
     coverage: np.ndarray | None = None  # [N] q-mass of the candidates
 
 
-def expected_entropy(alpha: float, cand_logw: Sequence[np.ndarray], cand_h: Sequence[np.ndarray]) -> np.ndarray:
+def pad_candidates(cand_logw: Sequence[np.ndarray], cand_h: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged per-context candidates -> [N, M] matrices (padding has weight 0), for vectorized fits."""
+    width = max(len(h) for h in cand_h)
+    lw = np.full((len(cand_h), width), -np.inf)
+    hh = np.zeros((len(cand_h), width))
+    for i, (w, h) in enumerate(zip(cand_logw, cand_h)):
+        lw[i, : len(w)] = w
+        hh[i, : len(h)] = h
+    return lw, hh
+
+
+def expected_entropy(alpha: float, cand_logw: Sequence[np.ndarray] | np.ndarray,
+                     cand_h: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
     """E_{y~q_a}[Ĥ(y)] per context from weighted candidates: Σ w e^{-aĤ} Ĥ / Σ w e^{-aĤ}."""
-    out = np.empty(len(cand_h))
-    for i, (lq, h) in enumerate(zip(cand_logw, cand_h)):
-        w = lq - alpha * h
-        w = np.exp(w - w.max())
-        out[i] = float((w * h).sum() / w.sum())
-    return out
+    lw, hh = (cand_logw, cand_h) if isinstance(cand_h, np.ndarray) else pad_candidates(cand_logw, cand_h)
+    z = lw - alpha * hh
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return (z * hh).sum(axis=1) / z.sum(axis=1)
 
 
-def fit_alpha(target: float, cand_logw: Sequence[np.ndarray], cand_h: Sequence[np.ndarray],
+def fit_alpha(target: float, cand_logw: Sequence[np.ndarray] | np.ndarray, cand_h: Sequence[np.ndarray] | np.ndarray,
               lo: float = ALPHA_RANGE[0], hi: float = ALPHA_RANGE[1], tol: float = 1e-6) -> float:
     """Bisection for mean E_{q_a}[Ĥ] = target; the mean decreases in alpha. Clipped to [lo, hi]."""
+    if not isinstance(cand_h, np.ndarray):
+        cand_logw, cand_h = pad_candidates(cand_logw, cand_h)
     f = lambda a: float(expected_entropy(a, cand_logw, cand_h).mean()) - target  # noqa: E731
     if f(lo) <= 0:
         return lo
@@ -86,12 +98,12 @@ def fit_alpha(target: float, cand_logw: Sequence[np.ndarray], cand_h: Sequence[n
 def bootstrap_alpha(m: EntropyMeasurements, n_boot: int, seed: int) -> np.ndarray:
     """alpha refitted on contexts resampled with replacement: its spread is the standard error."""
     rng = np.random.default_rng([seed, 7919])
+    lw, hh = pad_candidates(m.cand_logw, m.cand_h)
     n = len(m.data_h)
     out = np.empty(n_boot)
     for b in range(n_boot):
         idx = rng.integers(0, n, size=n)
-        out[b] = fit_alpha(float(m.data_h[idx].mean()), [m.cand_logw[i] for i in idx], [m.cand_h[i] for i in idx],
-                           tol=1e-4)
+        out[b] = fit_alpha(float(m.data_h[idx].mean()), lw[idx], hh[idx], tol=1e-5)
     return out
 
 

@@ -44,7 +44,7 @@ def check_calibration(data: dict[str, Any], model: CausalLM, horizon: int, rollo
     if int(data["horizon"]) != horizon or int(data["rollouts"]) != rollouts:
         raise CalibrationError(
             f"{path} was made for horizon {data['horizon']}, rollouts {data['rollouts']}, not {horizon}, {rollouts}; "
-            f"use those or run `epic-ort calibrate {model.model_dir} --horizon {horizon} --rollouts {rollouts} --force`"
+            f"use those or run `epic-ort calibrate {model.model_dir} --horizon {horizon} --rollouts {rollouts}`"
         )
 
 

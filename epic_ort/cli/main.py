@@ -148,6 +148,43 @@ def generate(model_dir: Path, prompt: tuple[str, ...], prompt_file: Path | None,
         out.flush()
 
 
+# -- calibrate -----------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--corpus", "corpus", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Text file(s) of real prose (repeatable); default: the corpus shipped with epic-ort.")
+@click.option("--horizon", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--rollouts", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--contexts", type=click.IntRange(min=2), default=None, help="Random corpus positions [default: 128].")
+@click.option("--context-tokens", type=click.IntRange(min=1), default=None, help="Prefix length [default: 128].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--provider", type=PROVIDER, default="auto", show_default=True)
+def calibrate(model_dir: Path, corpus: tuple[Path, ...], horizon: int, rollouts: int, contexts: int | None,
+              context_tokens: int | None, seed: int, provider: str) -> None:
+    """Fit EPIC's alpha on real text; writes MODEL_DIR/epic_calibration.json."""
+    from ..calibration.calibrate import CALIBRATION_NAME, CalibrationSettings
+    from ..calibration.calibrate import calibrate as run_calibration
+    from ..runtime.model import load
+
+    model = load(model_dir, provider=provider)
+    settings = CalibrationSettings(horizon=horizon, rollouts=rollouts, seed=seed)
+    if contexts is not None:
+        settings.contexts = contexts
+    if context_tokens is not None:
+        settings.context_tokens = context_tokens
+    r = run_calibration(model, list(corpus) or None, settings, show_progress=True)
+    click.echo(
+        f"alpha = {r['alpha']:.4f} ± {r['alpha_se']:.4f} (bootstrap SE over {r['contexts']} contexts)\n"
+        f"lookahead entropy: text {r['data_entropy']:.3f} ± {r['data_entropy_se']:.3f} nats, "
+        f"model at alpha 0 {r['model_entropy_at_alpha0']:.3f}, at alpha {r['model_entropy']:.3f}\n"
+        f"wrote {Path(model_dir) / CALIBRATION_NAME}"
+    )
+    if r["alpha_clipped"]:
+        click.echo("warning: alpha hit the edge of its search range; the fit is not reliable", err=True)
+
+
 def run() -> None:  # pragma: no cover - console entry point alias
     main()
 

@@ -54,7 +54,13 @@ class EpicChooser:
         self.processors = processors if processors is not None else ProcessorList()
         self.first_block = first_block
         self.max_first_block = max_first_block
-        self._needed_ema = float(first_block)
+        self._needed: dict[tuple[int, int], float] = {}  # per sample: EMA of candidates its steps needed
+
+    def _first_block(self, row: Row) -> int:
+        """Size the first block from what this sample's earlier steps needed: big enough that a
+        second round (k more calls) is rare, small enough not to evaluate much in vain."""
+        ema = self._needed.get((row.prompt_index, row.sample_index), float(self.first_block))
+        return max(1, min(self.max_first_block, math.ceil(ema * 1.25)))
 
     def rollout_uniforms(self, seed: int, token: int) -> np.ndarray:
         """[R, k-1] draws for candidate `token`, fixed by (row seed, token) alone."""
@@ -75,10 +81,9 @@ class EpicChooser:
             states.append(_RowSearch(LazySearch(logq[i], g, self.alpha, h_max), seed, group))
 
         rounds: list[Any] = []
+        first_blocks = [self._first_block(r) for r in rows]
         first = True
         while True:
-            block = max(1, min(self.max_first_block, math.ceil(self._needed_ema * 1.25))) if first else 0
-            first = False
             requests: dict[Any, int] = {}  # (group, token) -> index in this round
             parents: list[int] = []
             tokens: list[int] = []
@@ -86,7 +91,7 @@ class EpicChooser:
             for i, st in enumerate(states):
                 if st.search.done:
                     continue
-                cands = st.search.next_block(block)
+                cands = st.search.next_block(first_blocks[i] if first else 0)
                 if cands.size == 0:
                     continue
                 slots = []
@@ -99,6 +104,7 @@ class EpicChooser:
                         st.rows += 1 + self.rollouts * (self.horizon - 1)
                     slots.append(requests[key])
                 per_row.append((i, cands, slots))
+            first = False
             if not tokens:
                 break
             uniforms = np.stack([self.rollout_uniforms(states[p].seed, t) for p, t in zip(parents, tokens)])
@@ -120,8 +126,9 @@ class EpicChooser:
                     st.winner = (len(rounds) - 1, slots[int(hit[0])])
 
         chosen = np.array([st.search.best_token for st in states], dtype=np.int64)
-        needed = np.mean([st.search.needed for st in states])
-        self._needed_ema = 0.7 * self._needed_ema + 0.3 * float(needed)
+        for r, st in zip(rows, states):
+            key = (r.prompt_index, r.sample_index)
+            self._needed[key] = 0.7 * self._needed.get(key, float(self.first_block)) + 0.3 * st.search.needed
         next_logits, next_cache = self._gather_winners(states, rounds)
         stats = [{"entropy_evals": st.evals, "forward_passes": st.calls, "lookahead_rows": st.rows} for st in states]
         return StepResult(chosen, next_logits, next_cache, stats)
