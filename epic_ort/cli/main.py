@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -103,16 +104,29 @@ PROVIDER = click.Choice(["auto", "cpu", "cuda", "tensorrt"])
 @click.option("--truncate", type=click.Choice(["error", "left"]), default="error", show_default=True,
               help="What to do with a prompt longer than the context: refuse, or keep its end.")
 @click.option("--format", "fmt", type=click.Choice(["text", "jsonl"]), default="text", show_default=True)
+@click.option("--input", "input_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="JSONL requests, one a line: {\"prompt\": ..., optional settings}. Output is JSONL.")
+@click.option("--output", "output_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --input: append results here (flushed per line) instead of stdout.")
+@click.option("--resume", is_flag=True, help="With --input/--output: skip requests already in the output.")
+@click.option("--strict", is_flag=True, help="With --input: stop at the first bad line.")
 def generate(model_dir: Path, prompt: tuple[str, ...], prompt_file: Path | None, max_new_tokens: int, num_samples: int,
              seed: int | None, greedy: bool, temperature: float, top_k: int, top_p: float, min_p: float,
              typical_p: float, alpha: float | str | None, horizon: int, rollouts: int, batch_size: int,
-             provider: str, chat: bool, stop: tuple[str, ...], truncate: str, fmt: str) -> None:
+             provider: str, chat: bool, stop: tuple[str, ...], truncate: str, fmt: str, input_file: Path | None,
+             output_file: Path | None, resume: bool, strict: bool) -> None:
     """Generate text from MODEL_DIR (an `epic-ort export` folder)."""
     from .. import decoding as gen
     from ..runtime.model import load
 
     if not greedy and temperature <= 0:
         raise click.BadParameter("must be > 0 (or pass --greedy)", param_hint="--temperature")
+    if input_file is None and (output_file or resume or strict):
+        raise click.UsageError("--output, --resume and --strict go with --input")
+    if resume and output_file is None:
+        raise click.UsageError("--resume needs --output FILE")
+    if input_file is not None and (prompt or prompt_file):
+        raise click.UsageError("give prompts either as arguments/--prompt-file or as --input JSONL, not both")
     prompts = list(prompt)
     if prompt_file is not None:
         prompts += [line.rstrip("\n") for line in prompt_file.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -129,6 +143,12 @@ def generate(model_dir: Path, prompt: tuple[str, ...], prompt_file: Path | None,
         min_p=min_p, typical_p=typical_p, stop=tuple(stop), seed=seed, alpha=float(a), horizon=horizon,
         rollouts=rollouts, truncate=truncate,
     )
+    if input_file is not None:
+        failed = _run_requests(model, input_file, output_file, config, num_samples, batch_size, chat, resume, strict)
+        if failed:
+            click.echo(f"epic-ort: {failed} request(s) failed (see above)", err=True)
+            sys.exit(2 if strict else 1)
+        return
     stream = fmt == "text" and len(prompts) == 1 and num_samples == 1
     out = sys.stdout
 
@@ -146,6 +166,59 @@ def generate(model_dir: Path, prompt: tuple[str, ...], prompt_file: Path | None,
         else:
             out.write(f"=== prompt {s.prompt_index} sample {s.sample_index} ({s.finish_reason}) ===\n{s.text}\n")
         out.flush()
+
+
+def _run_requests(model: Any, input_file: Path, output_file: Path | None, defaults: Any, num_samples: int,
+                  batch_size: int, chat: bool, resume: bool, strict: bool) -> int:
+    """Serve a JSONL file of requests; returns how many lines failed."""
+    from .. import decoding as gen
+    from ..errors import EpicOrtError
+    from ..fileio import write_text_atomic
+    from ..requests import Request, completed_requests, read_requests
+
+    done: dict[int, set[int]] = {}
+    if output_file is not None:
+        if resume:
+            done, good = completed_requests(output_file)
+            write_text_atomic(output_file, "".join(line + "\n" for line in good))  # drop a cut-off last line
+        out = open(output_file, "a" if resume else "w", encoding="utf-8")
+    else:
+        out = sys.stdout
+    failed = 0
+    try:
+        for req in read_requests(input_file, defaults, num_samples, chat):
+            if not isinstance(req, Request):
+                line, msg = req
+                click.echo(f"epic-ort: {input_file}:{line}: {msg}", err=True)
+                failed += 1
+                if strict:
+                    break
+                continue
+            if len(done.get(req.index, ())) >= req.num_samples:
+                continue
+            try:
+                cfg = req.config
+                if cfg.alpha == "auto":
+                    from ..calibration.store import resolve_auto_alpha
+
+                    cfg = replace(cfg, alpha=resolve_auto_alpha(model, cfg.horizon, cfg.rollouts))
+                for s in gen.generate(model, [req.prompt], cfg, num_samples=req.num_samples, batch_size=batch_size,
+                                      chat=req.chat):
+                    if s.sample_index in done.get(req.index, ()):
+                        continue
+                    obj = {"request_index": req.index, **({"id": req.id} if req.id is not None else {}), **s.to_json()}
+                    obj.pop("prompt_index")
+                    out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+                    out.flush()
+            except EpicOrtError as e:
+                click.echo(f"epic-ort: {input_file}:{req.line}: {e}", err=True)
+                failed += 1
+                if strict:
+                    break
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return failed
 
 
 # -- calibrate -----------------------------------------------------------------------------

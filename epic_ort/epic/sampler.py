@@ -54,6 +54,7 @@ class EpicChooser:
         self.processors = processors if processors is not None else ProcessorList()
         self.first_block = first_block
         self.max_first_block = max_first_block
+        self.step_log: list[tuple[int, int, int]] | None = None  # set to [] to record (evals, calls, nucleus99)
         self._needed: dict[tuple[int, int], float] = {}  # per sample: EMA of candidates its steps needed
 
     def _first_block(self, row: Row) -> int:
@@ -126,6 +127,9 @@ class EpicChooser:
                     st.winner = (len(rounds) - 1, slots[int(hit[0])])
 
         chosen = np.array([st.search.best_token for st in states], dtype=np.int64)
+        if self.step_log is not None:
+            nucleus = _nucleus_sizes(logq, 0.99)
+            self.step_log.extend((st.evals, st.calls, int(n)) for st, n in zip(states, nucleus))
         for r, st in zip(rows, states):
             key = (r.prompt_index, r.sample_index)
             self._needed[key] = 0.7 * self._needed.get(key, float(self.first_block)) + 0.3 * st.search.needed
@@ -149,3 +153,9 @@ class EpicChooser:
             r, c = sources.pop()
             return logits, rounds[r][c].first_cache.select([k for _, _, k in parts_cache])
         return logits, KVCache.concat([rounds[r][c].first_cache.select([k]) for r, c, k in parts_cache])
+
+
+def _nucleus_sizes(logq: np.ndarray, mass: float) -> np.ndarray:
+    """Tokens in each row's smallest set holding `mass` of q (what evaluations are compared with)."""
+    p = np.sort(np.exp(logq), axis=-1)[:, ::-1]
+    return (np.cumsum(p, axis=-1) < mass).sum(axis=-1) + 1

@@ -1,0 +1,225 @@
+"""`epic-ort evaluate`: teacher-forced entropies, the text metrics, method specs, and a run end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from epic_ort.calibration import metrics
+from epic_ort.calibration.evaluate import DEFAULT_METHODS, evaluate, format_table, parse_method, parse_methods
+from epic_ort.errors import InvalidRequestError
+from epic_ort.sampling.processors import entropy, log_softmax
+
+TEXT = (
+    "the cat sat on the mat. the dog ran to the park, and the bird sang a song! "
+    "was it a good day? it was a very good day, said the old man to his son. "
+    "we walk to the shop and buy some bread and milk. then we go home and eat. "
+    "she reads a book by the fire while the rain falls on the roof. "
+    "he likes to run in the morning when the air is cold and the sun is low. "
+)
+
+
+def _reference(model, prompt, cont):
+    """Entropy and log-loss position by position, one prefill per prefix."""
+    hs, nlls = [], []
+    for t in range(len(cont)):
+        logits, _ = model.prefill([prompt + cont[:t]])
+        hs.append(float(entropy(logits)[0]))
+        nlls.append(-float(log_softmax(logits.astype(np.float64))[0, cont[t]]))
+    return np.array(hs), np.array(nlls)
+
+
+def test_entropy_along_matches_prefix_by_prefix(tiny_llama):
+    prompt = tiny_llama.encode("the cat sat on")
+    cont = tiny_llama.encode(" the mat.", add_special_tokens=False)
+    ref_h, ref_nll = _reference(tiny_llama, prompt, cont)
+    h = metrics.entropy_along(tiny_llama, prompt, cont)
+    h2, nll = metrics.entropy_and_logloss(tiny_llama, prompt, cont)
+    assert h.shape == (len(cont),)
+    np.testing.assert_allclose(h, ref_h, atol=1e-4)
+    np.testing.assert_allclose(h2, ref_h, atol=1e-4)
+    np.testing.assert_allclose(nll, ref_nll, atol=1e-4)
+
+
+def test_batched_scoring_with_padding_matches_single_rows(tiny_llama):
+    rows = [("the dog", " ran far"), ("a", " bird sang!"), ("it was a good day", "?"), ("we go", "")]
+    prompts = [tiny_llama.encode(p) for p, _ in rows]
+    conts = [tiny_llama.encode(c, add_special_tokens=False) for _, c in rows]
+    batched = metrics.score_continuations(tiny_llama, prompts, conts, batch_size=3)
+    for p, c, (h, nll) in zip(prompts, conts, batched):
+        ref_h, ref_nll = _reference(tiny_llama, p, c)
+        assert h.shape == nll.shape == (len(c),)
+        np.testing.assert_allclose(h, ref_h, atol=1e-4)
+        np.testing.assert_allclose(nll, ref_nll, atol=1e-4)
+
+
+def test_distinct_n_and_repeated_ngrams_by_hand():
+    s = [1, 2, 1, 2, 1, 2]
+    assert metrics.distinct_n([s], 2) == pytest.approx(2 / 5)  # (1,2) (2,1) among 5
+    assert metrics.distinct_n([s], 3) == pytest.approx(2 / 4)  # (1,2,1) (2,1,2) among 4
+    assert metrics.repeated_ngram_fraction([s], 4) == pytest.approx(1 / 3)  # (1,2,1,2) again at the 3rd
+    # pooled over samples: the second sample's bigrams are all seen in the first
+    assert metrics.distinct_n([[1, 2, 3], [1, 2, 3]], 2) == pytest.approx(2 / 4)
+    assert metrics.distinct_n([[1, 2, 3, 4, 5]], 2) == 1.0
+    # rep-4 is within a sample, averaged over samples that have a 4-gram
+    assert metrics.repeated_ngram_fraction([[1, 2, 3, 4, 5], [7, 7, 7, 7, 7, 7], [1, 2]], 4) == pytest.approx(
+        (0 + 2 / 3) / 2
+    )
+    assert np.isnan(metrics.distinct_n([[1]], 2))
+    assert np.isnan(metrics.repeated_ngram_fraction([[1, 2, 3]], 4))
+
+
+def test_entropy_rate_is_pooled_and_position_curve():
+    per = [np.array([1.0, 1.0, 1.0, 1.0]), np.array([3.0])]
+    assert metrics.entropy_rate(per) == pytest.approx(7 / 5)
+    np.testing.assert_allclose(metrics.per_sample_means(per), [1.0, 3.0])
+    c = metrics.position_curve([np.arange(8.0), np.arange(8.0) + 2, np.array([10.0])], 8, 4)
+    assert c["edges"] == [0, 2, 4, 6, 8]
+    np.testing.assert_allclose(c["mean"], [(0 + 1 + 2 + 3 + 10) / 5, 4.5, 6.5, 8.5])
+    assert c["count"] == [5, 4, 4, 4]
+    # more buckets than positions: one bucket per position
+    assert metrics.position_curve([np.arange(3.0)], 3, 8)["mean"] == [0.0, 1.0, 2.0]
+
+
+def test_calibration_error_bootstrap():
+    rng = np.random.default_rng(1)
+
+    def rows(n, shift):
+        return [rng.normal(2.0 + shift, 1.0, size=20) for _ in range(n)]
+
+    def run(n):
+        human = rows(n, 0.0)
+        method = [h + 0.3 + rng.normal(0, 0.5, size=20) for h in human]
+        return metrics.calibration_error(method, human, n_boot=2000, seed=0)
+
+    many, few = run(200), run(8)
+    for ce in (many, few):
+        assert ce["value"] == pytest.approx(abs(ce["diff"]))
+        assert ce["lo"] <= ce["value"] <= ce["hi"]
+        assert ce["diff_lo"] <= ce["diff"] <= ce["diff_hi"]
+    assert (few["hi"] - few["lo"]) > (many["hi"] - many["lo"])
+    assert many["value"] == pytest.approx(0.3, abs=0.1)
+    # fixed seed: the same interval twice
+    human = rows(10, 0.0)
+    method = rows(10, 0.1)
+    a = metrics.calibration_error(method, human, n_boot=500, seed=3)
+    b = metrics.calibration_error(method, human, n_boot=500, seed=3)
+    assert (a["lo"], a["hi"]) == (b["lo"], b["hi"])
+    # identical texts: zero error, interval [0, 0]
+    same = metrics.calibration_error(human, human, n_boot=200, seed=0)
+    assert same["value"] == 0.0 and same["lo"] == 0.0 and same["hi"] == 0.0
+    # no bootstrap: no interval
+    assert metrics.calibration_error(method, human, n_boot=0)["lo"] is None
+    with pytest.raises(ValueError):
+        metrics.calibration_error(method[:3], human, n_boot=10)
+
+
+@pytest.mark.parametrize(
+    "spec, name, kwargs",
+    [
+        ("ancestral", "ancestral", {}),
+        ("greedy", "greedy", {"greedy": True}),
+        ("temperature=0.7", "temperature=0.7", {"temperature": 0.7}),
+        ("top-k=50", "top-k=50", {"top_k": 50}),
+        ("top_p=0.9", "top-p=0.9", {"top_p": 0.9}),
+        ("Top-P = 0.95", "top-p=0.95", {"top_p": 0.95}),
+        ("min-p=0.1", "min-p=0.1", {"min_p": 0.1}),
+        ("typical-p=0.9", "typical-p=0.9", {"typical_p": 0.9}),
+        ("epic", "epic", {"alpha": "auto"}),
+        ("epic=auto", "epic", {"alpha": "auto"}),
+        ("epic=0.15", "epic=0.15", {"alpha": 0.15}),
+        ("epic=-0.5", "epic=-0.5", {"alpha": -0.5}),
+        ("temperature=0.7+top-k=50", "temperature=0.7+top-k=50", {"temperature": 0.7, "top_k": 50}),
+    ],
+)
+def test_parse_method_accepts(spec, name, kwargs):
+    assert parse_method(spec) == (name, kwargs)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["", "   ", "nucleus", "top-p", "top-p=", "top-p=abc", "top-p=0", "top-p=1.5", "top-k=0", "top-k=2.5",
+     "temperature=0", "temperature=-1", "min-p=2", "typical-p=0", "epic=nan", "epic=inf", "epic=x",
+     "greedy=1", "greedy+top-k=5", "ancestral+top-p=0.9", "top-p=0.9+top-p=0.8", "epic+epic=0.1"],
+)
+def test_parse_method_rejects(spec):
+    with pytest.raises(InvalidRequestError):
+        parse_method(spec)
+
+
+def test_parse_methods_lists():
+    assert [n for n, _ in parse_methods(None)] == list(DEFAULT_METHODS)
+    assert [n for n, _ in parse_methods("ancestral, top-p=0.9")] == ["ancestral", "top-p=0.9"]
+    with pytest.raises(InvalidRequestError, match="twice"):
+        parse_methods(["top-p=0.9", "top_p=0.9"])
+    with pytest.raises(InvalidRequestError):
+        parse_methods(" , ")
+
+
+def test_evaluate_end_to_end(tiny_llama, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((TEXT + "\n\n") * 6, encoding="utf-8")
+    out = tmp_path / "eval"
+    methods = ["ancestral", "top-k=5", "epic=0.5"]
+    report = evaluate(tiny_llama, [corpus], methods, prompts=4, max_new_tokens=16, prompt_tokens=16, seed=0,
+                      out_dir=out, horizon=2, rollouts=1, batch_size=3, buckets=4, n_boot=200,
+                      show_progress=False)
+    for name in ("report.json", "report.md", "plot.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["methods"] == report["methods"]
+    assert [m["name"] for m in report["methods"]] == methods
+    assert report["model"]["sha256"] == tiny_llama.manifest.model_sha256
+    assert len(report["corpus"]["files"]) == 1 and len(report["corpus"]["files"][0]["sha256"]) == 64
+    assert report["methods"][2]["alpha"] == 0.5 and report["methods"][2]["config"]["horizon"] == 2
+
+    table = format_table(report)
+    body = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert len(body) == len(methods) + 1
+    assert body[-1].startswith("| **human**")
+    assert table in (out / "report.md").read_text()
+
+    # the human row is entropy_along over the human continuations, pooled
+    from epic_ort.calibration.corpus import context_at, load_corpus
+
+    c = load_corpus(tiny_llama, [corpus])
+    hs, nlls = [], []
+    for p in report["positions"]:
+        prompt = context_at(c, p, 16)
+        cont = c.tokens[p : p + 16].tolist()
+        h, nll = metrics.entropy_and_logloss(tiny_llama, prompt, cont)
+        np.testing.assert_allclose(h, metrics.entropy_along(tiny_llama, prompt, cont))
+        hs.append(h)
+        nlls.append(nll)
+    assert report["human"]["entropy_rate"] == pytest.approx(float(np.concatenate(hs).mean()), abs=1e-9)
+    assert report["human"]["log_loss"] == pytest.approx(float(np.concatenate(nlls).mean()), abs=1e-9)
+    assert report["human"]["mean_tokens"] == 16
+
+    for m in report["methods"]:
+        ce = m["calibration_error"]
+        assert ce["value"] >= 0 and ce["lo"] >= 0 and ce["lo"] <= ce["value"] <= ce["hi"]
+        assert ce["value"] == pytest.approx(abs(m["entropy_rate"] - report["human"]["entropy_rate"]), abs=1e-9)
+        assert len(m["curve"]) == 4 and len(m["per_prompt_entropy"]) == 4
+        assert 0 < m["mean_tokens"] <= 16
+        assert 0 <= m["distinct_2"] <= 1
+
+    # same seed, same figures
+    again = evaluate(tiny_llama, [corpus], methods, prompts=4, max_new_tokens=16, prompt_tokens=16, seed=0,
+                     out_dir=None, horizon=2, rollouts=1, batch_size=8, buckets=4, n_boot=200,
+                     show_progress=False)
+    assert [m["entropy_rate"] for m in again["methods"]] == pytest.approx(
+        [m["entropy_rate"] for m in report["methods"]], abs=1e-5)
+
+
+def test_evaluate_refuses_contexts_longer_than_the_model(tiny_llama, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT * 4, encoding="utf-8")
+    with pytest.raises(InvalidRequestError, match="context"):
+        evaluate(tiny_llama, [corpus], ["ancestral"], prompts=2, max_new_tokens=100, prompt_tokens=100,
+                 show_progress=False)
+    with pytest.raises(InvalidRequestError, match="unknown method"):
+        evaluate(tiny_llama, [corpus], ["nucleus=0.9"], prompts=2, max_new_tokens=8, prompt_tokens=8,
+                 show_progress=False)
