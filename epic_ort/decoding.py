@@ -151,7 +151,9 @@ def encode_prompts(model: CausalLM, prompts: Sequence[str], chat: bool, max_new_
                     f"prompt {i} has {len(ids)} tokens, more than the model's context of {model.max_positions} "
                     "allows; shorten it or pass --truncate left"
                 )
-            ids = ids[-limit:]
+            bos = model.manifest.bos_token_id
+            head = ids[:1] if bos is not None and ids[0] == bos else []
+            ids = head + ids[len(ids) - (limit - len(head)):]
         out.append(ids)
     return out
 

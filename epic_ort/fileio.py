@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -40,13 +42,30 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def remove_stale_partials(target: Path) -> None:
+    """Remove `.{name}.{pid}.XXXX.partial` siblings left by a process that was killed (SIGKILL, power
+    loss) before it could clean up; a live process's folder is left alone."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(\d+)\.[A-Za-z0-9_]+\.partial")
+    for p in target.parent.glob(f".{glob.escape(target.name)}.*.partial"):
+        m = pattern.fullmatch(p.name)
+        if m is None or not p.is_dir():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (PermissionError, OverflowError, ValueError):
+            pass  # alive (another user's) or not a pid
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `target`, on any error
     (KeyboardInterrupt included) it is removed, so no partial folder is ever left behind."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    remove_stale_partials(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".partial", dir=target.parent))
     try:
         yield tmp
         if target.exists():

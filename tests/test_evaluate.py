@@ -77,7 +77,7 @@ def test_entropy_rate_is_pooled_and_position_curve():
     np.testing.assert_allclose(metrics.per_sample_means(per), [1.0, 3.0])
     c = metrics.position_curve([np.arange(8.0), np.arange(8.0) + 2, np.array([10.0])], 8, 4)
     assert c["edges"] == [0, 2, 4, 6, 8]
-    np.testing.assert_allclose(c["mean"], [(0 + 1 + 2 + 3 + 10) / 5, 4.5, 6.5, 8.5])
+    np.testing.assert_allclose(c["mean"], [(0 + 1 + 2 + 3 + 10) / 5, (2 + 3 + 4 + 5) / 4, (4 + 5 + 6 + 7) / 4, (6 + 7 + 8 + 9) / 4])
     assert c["count"] == [5, 4, 4, 4]
     # more buckets than positions: one bucket per position
     assert metrics.position_curve([np.arange(3.0)], 3, 8)["mean"] == [0.0, 1.0, 2.0]

@@ -27,7 +27,7 @@ def build_tokenizer(folder: Path):
     return fast, len(vocab)
 
 
-def build_hf_model(kind: str, folder: Path, seed: int = 0, init_range: float = 0.3):
+def build_hf_model(kind: str, folder: Path, seed: int = 0, init_range: float = 0.3, max_positions: int = 128):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -37,13 +37,13 @@ def build_hf_model(kind: str, folder: Path, seed: int = 0, init_range: float = 0
     if kind == "llama":
         config = LlamaConfig(
             vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-            initializer_range=init_range, tie_word_embeddings=False,
+            num_key_value_heads=2, max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2,
+            pad_token_id=2, initializer_range=init_range, tie_word_embeddings=False,
         )
         model = LlamaForCausalLM(config)
     elif kind == "gpt2":
         config = GPT2Config(
-            vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2,
+            vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=max_positions, bos_token_id=1, eos_token_id=2,
             pad_token_id=2, initializer_range=init_range,
         )
         model = GPT2LMHeadModel(config)

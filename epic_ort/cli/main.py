@@ -130,6 +130,10 @@ def generate(model_dir: Path, prompt: tuple[str, ...], prompt_file: Path | None,
     prompts = list(prompt)
     if prompt_file is not None:
         prompts += [line.rstrip("\n") for line in prompt_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            from ..errors import InvalidRequestError
+
+            raise InvalidRequestError(f"{prompt_file} has no prompts (only blank lines); write one prompt a line")
     if not prompts:
         prompts = [DEFAULT_PROMPT]
     model = load(model_dir, provider=provider)
@@ -256,6 +260,41 @@ def calibrate(model_dir: Path, corpus: tuple[Path, ...], horizon: int, rollouts:
     )
     if r["alpha_clipped"]:
         click.echo("warning: alpha hit the edge of its search range; the fit is not reliable", err=True)
+
+
+# -- evaluate ------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--corpus", "corpus", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Held-out real text (repeatable); default: the corpus shipped with epic-ort.")
+@click.option("--methods", default=None,
+              help="Comma-separated: epic, epic=0.15, ancestral, temperature=0.7, top-k=50, top-p=0.9, min-p=0.1, "
+                   "typical-p=0.9, greedy [default: epic and seven baselines].")
+@click.option("--prompts", type=click.IntRange(min=2), default=24, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--horizon", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--rollouts", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--provider", type=PROVIDER, default="auto", show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+def evaluate(model_dir: Path, corpus: tuple[Path, ...], methods: str | None, prompts: int, max_new_tokens: int,
+             prompt_tokens: int, horizon: int, rollouts: int, batch_size: int, seed: int, provider: str,
+             out_dir: Path) -> None:
+    """Entropy calibration of EPIC and the classic samplers against human text."""
+    from ..calibration.evaluate import evaluate as run_evaluation
+    from ..calibration.evaluate import format_table
+    from ..runtime.model import load
+
+    model = load(model_dir, provider=provider)
+    report = run_evaluation(model, list(corpus) or None, methods, prompts=prompts, max_new_tokens=max_new_tokens,
+                            prompt_tokens=prompt_tokens, seed=seed, out_dir=out_dir, horizon=horizon,
+                            rollouts=rollouts, batch_size=batch_size, show_progress=True)
+    click.echo(format_table(report))
+    click.echo(f"wrote {out_dir}/report.json, report.md, plot.png")
 
 
 def run() -> None:  # pragma: no cover - console entry point alias

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import ModelLoadError, NumericalError
-from .manifest import Manifest, read_manifest
+from .manifest import MANIFEST_NAME, Manifest, read_manifest
 from .providers import device_of, resolve_providers
 
 _ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -129,11 +129,13 @@ def _as_numpy(v: Any) -> np.ndarray:
     return v if isinstance(v, np.ndarray) else v.numpy()
 
 
-def _take_rows(v: Any, idx: np.ndarray) -> np.ndarray:
-    arr = _as_numpy(v)
-    if idx.size == arr.shape[0] and np.array_equal(idx, np.arange(arr.shape[0])):
-        return arr
-    return np.take(arr, idx, axis=0)
+def _take_rows(v: Any, idx: np.ndarray) -> Any:
+    """Rows idx of one cache tensor. The identity keeps the tensor as it is (an OrtValue stays
+    where it lives, on the GPU too); anything else gathers on the host (zero-copy view on CPU)."""
+    rows = v.shape[0] if isinstance(v, np.ndarray) else v.shape()[0]
+    if idx.size == rows and np.array_equal(idx, np.arange(rows)):
+        return v
+    return np.take(_as_numpy(v), idx, axis=0)
 
 
 def default_session_options(threads: int | None = None) -> Any:
@@ -156,7 +158,7 @@ class CausalLM:
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             raise ModelLoadError(f"model folder {self.model_dir} does not exist; create it with `epic-ort export`")
-        self.manifest: Manifest = read_manifest(self.model_dir)
+        self.manifest: Manifest = _read_checked_manifest(self.model_dir)
         onnx_path = self._model_file()
         self.providers = resolve_providers(
             provider,
@@ -309,15 +311,33 @@ class CausalLM:
 
 
 def check_finite(logits: np.ndarray) -> None:
-    """Refuse NaN or +inf logits (-inf is a legitimate mask): sampling from them is silent garbage."""
+    """Refuse NaN or +inf logits (-inf is a legitimate mask): sampling from them is silent garbage.
+    A row that is -inf everywhere has no token to sample at all, so it is refused too."""
     if not np.isfinite(logits).all():
-        bad = np.isnan(logits) | np.isposinf(logits)
+        bad = np.isnan(logits) | np.isposinf(logits) | np.isneginf(logits).all(axis=-1, keepdims=True)
         if bad.any():
             rows = np.unique(np.nonzero(bad)[0]).tolist()
             raise NumericalError(
                 f"the model produced NaN/inf logits in rows {rows[:8]}; the export may be broken "
                 "(try --dtype fp32 or re-export)"
             )
+
+
+def _read_checked_manifest(model_dir: Path) -> Manifest:
+    """read_manifest, plus the types the runtime relies on: valid JSON with wrong types is corrupt too."""
+    try:
+        m = read_manifest(model_dir)
+        counts = [getattr(m, k) for k in ("num_layers", "num_kv_heads", "head_dim", "vocab_size", "max_positions")]
+        ids = m.eos_token_ids if isinstance(m.eos_token_ids, list) else [None]
+        if not all(type(v) is int and v > 0 for v in counts) or not all(type(t) is int for t in ids) \
+                or not isinstance(m.pad_token_id, (int, type(None))) or not isinstance(m.input_names, list):
+            raise ValueError("a field has the wrong type")
+        return m
+    except (AttributeError, TypeError, ValueError) as e:
+        why = "not a JSON object" if isinstance(e, AttributeError) else str(e)
+        raise ModelLoadError(
+            f"{Path(model_dir) / MANIFEST_NAME} is corrupt ({why}); re-export the model with `epic-ort export --force`"
+        ) from None
 
 
 def left_pad(token_rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:

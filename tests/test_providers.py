@@ -1,0 +1,58 @@
+"""Provider choice and options, tested without a GPU."""
+
+import pytest
+
+from epic_ort.errors import InvalidRequestError
+from epic_ort.runtime.providers import device_of, resolve_providers, trt_profile_shapes
+
+NAMES = ["input_ids", "attention_mask", "position_ids"] + [
+    f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")
+]
+GPU = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+CPU = ["CPUExecutionProvider"]
+
+
+def test_auto_prefers_cuda_only_when_available(tmp_path):
+    assert resolve_providers("auto", tmp_path, available=CPU) == [("CPUExecutionProvider", {})]
+    got = resolve_providers("auto", tmp_path, available=GPU)
+    assert [n for n, _ in got] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert device_of(got) == "cuda"
+
+
+@pytest.mark.parametrize("provider", ["cuda", "tensorrt"])
+def test_missing_gpu_provider_is_a_clear_error(tmp_path, provider):
+    with pytest.raises(InvalidRequestError, match="onnxruntime-gpu"):
+        resolve_providers(provider, tmp_path, available=CPU)
+
+
+def test_unknown_provider(tmp_path):
+    with pytest.raises(InvalidRequestError, match="unknown provider"):
+        resolve_providers("tpu", tmp_path, available=GPU)
+
+
+def test_tensorrt_options_cache_profiles_fp16(tmp_path):
+    got = resolve_providers("tensorrt", tmp_path, input_names=NAMES, num_kv_heads=3, head_dim=64,
+                            max_positions=2048, max_batch=16, fp16=True, available=GPU)
+    name, opts = got[0]
+    assert name == "TensorrtExecutionProvider"
+    assert [n for n, _ in got[1:]] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert opts["trt_engine_cache_enable"] is True
+    assert opts["trt_engine_cache_path"] == str(tmp_path / "trt_cache")
+    assert opts["trt_fp16_enable"] is True
+    for key in ("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes"):
+        entries = dict(e.split(":") for e in opts[key].split(","))
+        assert set(entries) == set(NAMES)  # every dynamic input, all past KV included
+    mx = dict(e.split(":") for e in opts["trt_profile_max_shapes"].split(","))
+    assert mx["past_key_values.1.value"] == "16x3x2048x64"
+    assert mx["attention_mask"] == "16x4096"
+    mn = dict(e.split(":") for e in opts["trt_profile_min_shapes"].split(","))
+    assert mn["past_key_values.0.key"] == "1x3x0x64" and mn["input_ids"] == "1x1"
+
+
+def test_profiles_are_ordered_min_opt_max():
+    p = trt_profile_shapes(NAMES, 3, 64, max_batch=8, max_positions=1024)
+    def dims(key):
+        return {e.split(":")[0]: [int(x) for x in e.split(":")[1].split("x")] for e in p[key].split(",")}
+    lo, mid, hi = dims("trt_profile_min_shapes"), dims("trt_profile_opt_shapes"), dims("trt_profile_max_shapes")
+    for n in NAMES:
+        assert all(a <= b <= c for a, b, c in zip(lo[n], mid[n], hi[n])), n
