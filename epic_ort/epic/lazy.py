@@ -53,6 +53,16 @@ class LazySearch:
             idx = idx[top]
         return idx[np.argsort(-self.bound[idx], kind="stable")].astype(np.int64)
 
+    def predicted_need(self, h_guess: float, margin: float = 0.5) -> int:
+        """How many candidates the search will likely need if the winner's Ĥ is about `h_guess`:
+        those whose bound beats (top bound − a·h_guess − margin). Sizing the first block with it
+        makes a second round (k more model calls) rare without evaluating much in vain."""
+        if self._done:
+            return 0
+        top = float(self.bound.max())
+        threshold = top - self.alpha * h_guess - margin
+        return int(np.count_nonzero(self.bound + self.offset > threshold))
+
     def update(self, tokens: np.ndarray, entropies: np.ndarray) -> None:
         for tok, h in zip(np.asarray(tokens).tolist(), np.asarray(entropies, dtype=np.float64).tolist()):
             self.evaluated[tok] = h

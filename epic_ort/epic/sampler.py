@@ -5,7 +5,7 @@ stream; the rollout draws of candidate y are a function of (seed, y) alone, so �
 whichever block or batch evaluated it (this is what makes lazy evaluation provably equal to eager).
 
 Rounds: each round, every unfinished row proposes a block of candidates (first round: the top
-`first_block` bounds, sized from how many the previous step needed; later rounds: every candidate
+bounds that can win if the winner's Ĥ is near this sample's recent Ĥ; later rounds: every candidate
 whose bound still beats the row's best score), all blocks run through one lookahead (k ORT calls),
 and rows update their best. Usually one round suffices, so a token costs about k forward passes,
 and the winner's depth-0 logits and cache become the next step's, so no extra decoding call.
@@ -45,23 +45,25 @@ class _RowSearch:
 
 class EpicChooser:
     def __init__(self, alpha: float, horizon: int = 4, rollouts: int = 2, processors: ProcessorList | None = None,
-                 first_block: int = 4, max_first_block: int = 64):
+                 max_first_block: int = 64, margin: float = 1.0):
         if horizon < 1 or rollouts < 1:
             raise ValueError("horizon and rollouts must be >= 1")
         self.alpha = float(alpha)
         self.horizon = int(horizon)
         self.rollouts = int(rollouts)
         self.processors = processors if processors is not None else ProcessorList()
-        self.first_block = first_block
         self.max_first_block = max_first_block
+        self.margin = margin
         self.step_log: list[tuple[int, int, int]] | None = None  # set to [] to record (evals, calls, nucleus99)
-        self._needed: dict[tuple[int, int], float] = {}  # per sample: EMA of candidates its steps needed
+        self._h_recent: dict[tuple[int, int], float] = {}  # per sample: EMA of its winners' Ĥ
 
-    def _first_block(self, row: Row) -> int:
-        """Size the first block from what this sample's earlier steps needed: big enough that a
-        second round (k more calls) is rare, small enough not to evaluate much in vain."""
-        ema = self._needed.get((row.prompt_index, row.sample_index), float(self.first_block))
-        return max(1, min(self.max_first_block, math.ceil(ema * 1.25)))
+    def _first_block(self, row: Row, search: LazySearch) -> int:
+        """Size the first block from this step's bounds and the Ĥ this sample's winners recently had."""
+        key = (row.prompt_index, row.sample_index)
+        h_guess = self._h_recent.get(key)
+        if h_guess is None:  # first step of a sample: what other samples saw, else a middling guess
+            h_guess = float(np.mean(list(self._h_recent.values()))) if self._h_recent else self.horizon * 2.0
+        return max(1, min(self.max_first_block, search.predicted_need(h_guess, self.margin)))
 
     def rollout_uniforms(self, seed: int, token: int) -> np.ndarray:
         """[R, k-1] draws for candidate `token`, fixed by (row seed, token) alone."""
@@ -82,7 +84,7 @@ class EpicChooser:
             states.append(_RowSearch(LazySearch(logq[i], g, self.alpha, h_max), seed, group))
 
         rounds: list[Any] = []
-        first_blocks = [self._first_block(r) for r in rows]
+        first_blocks = [self._first_block(r, st.search) for r, st in zip(rows, states)]
         first = True
         while True:
             requests: dict[Any, int] = {}  # (group, token) -> index in this round
@@ -132,7 +134,9 @@ class EpicChooser:
             self.step_log.extend((st.evals, st.calls, int(n)) for st, n in zip(states, nucleus))
         for r, st in zip(rows, states):
             key = (r.prompt_index, r.sample_index)
-            self._needed[key] = 0.7 * self._needed.get(key, float(self.first_block)) + 0.3 * st.search.needed
+            h_win = st.search.evaluated.get(st.search.best_token)
+            if h_win is not None:
+                self._h_recent[key] = 0.5 * self._h_recent.get(key, h_win) + 0.5 * h_win
         next_logits, next_cache = self._gather_winners(states, rounds)
         stats = [{"entropy_evals": st.evals, "forward_passes": st.calls, "lookahead_rows": st.rows} for st in states]
         return StepResult(chosen, next_logits, next_cache, stats)

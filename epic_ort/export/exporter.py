@@ -203,8 +203,14 @@ def _convert_fp16(path: Path) -> None:
 
 
 def _quantize_int8(path: Path) -> None:
+    import logging
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tmp = path.with_name("model.int8.onnx")
-    quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    logging.disable(logging.WARNING)  # its advice to pre-process applies to CNNs, not to this graph
+    try:
+        quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    finally:
+        logging.disable(logging.NOTSET)
     os.replace(tmp, path)

@@ -1,0 +1,38 @@
+"""Export variants: int8 dynamic quantization and fp16, on the tiny Llama."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import epic_ort
+from epic_ort.errors import ExportError
+from epic_ort.export import export
+
+
+@pytest.mark.parametrize("variant,tol", [({"quantize": "int8"}, 0.5), ({"dtype": "fp16"}, 2e-2)])
+def test_variant_loads_and_tracks_fp32(tiny_exports, tmp_path, variant, tol):
+    out = tmp_path / "variant"
+    manifest = export(str(tiny_exports["llama"]["hf"]), out, log=lambda m: None, **variant)
+    assert manifest.quantization == variant.get("quantize")
+    assert manifest.dtype == variant.get("dtype", "fp32")
+    model = epic_ort.load(out, provider="cpu")
+    ref = epic_ort.load(tiny_exports["llama"]["onnx"], provider="cpu")
+    ids = [ref.encode("the quick brown fox")]
+    a, _ = model.prefill(ids)
+    b, _ = ref.prefill(ids)
+    assert a.dtype == np.float32
+    assert np.abs(a - b).max() < tol
+    assert np.abs(a - b).max() > 0  # really a different graph
+    if "quantize" in variant:
+        import onnx
+
+        ops = {n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
+        assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLinear"}
+
+
+def test_bad_export_arguments(tmp_path):
+    with pytest.raises(ExportError, match="does not exist|not a Hugging Face"):
+        export(str(tmp_path), tmp_path / "out", log=lambda m: None)
+    with pytest.raises(ExportError, match="fp16"):
+        export("smollm2-135m", tmp_path / "out", quantize="int8", dtype="fp16", log=lambda m: None)
