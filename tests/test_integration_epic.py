@@ -97,3 +97,17 @@ def test_epic_cost_figures(smollm2):
     assert tokens == len(log)
     assert evals.mean() < 0.01 * smollm2.vocab_size
     assert calls.mean() <= 4 + 1
+
+
+def test_calibration_reproducible_across_runs_and_seeds(smollm2):
+    from epic_ort.calibration.calibrate import CalibrationSettings, calibrate
+
+    def run(seed):
+        s = CalibrationSettings(contexts=24, seed=seed, bootstrap=200)
+        return calibrate(smollm2, None, s, write=False, show_progress=False)
+
+    a, b, c = run(0), run(0), run(1)
+    print(f"alpha seed0 {a['alpha']:.4f}±{a['alpha_se']:.4f}, seed1 {c['alpha']:.4f}±{c['alpha_se']:.4f}")
+    assert a["alpha"] == b["alpha"] and a["alpha_se"] == b["alpha_se"]
+    assert not a["alpha_clipped"] and not c["alpha_clipped"]
+    assert abs(a["alpha"] - c["alpha"]) < 2 * np.hypot(a["alpha_se"], c["alpha_se"])

@@ -11,12 +11,10 @@ text as a reference.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import io
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +24,7 @@ import numpy as np
 
 from ..decoding import GenerationConfig, Sample, generate
 from ..errors import InvalidRequestError
-from ..fileio import write_json_atomic, write_text_atomic
+from ..fileio import write_bytes_atomic, write_json_atomic, write_text_atomic
 from ..progress import progress
 from ..runtime.model import CausalLM
 from . import metrics
@@ -454,20 +452,6 @@ def plot_curves(report: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def write_outputs(report: dict[str, Any], out_dir: str | os.PathLike) -> None:
     """Write plot.png (when matplotlib is installed), report.json and report.md, each atomically.
     Sets report["plot"] to the plot's file name, or None with report["plot_error"] saying why."""
@@ -479,7 +463,7 @@ def write_outputs(report: dict[str, Any], out_dir: str | os.PathLike) -> None:
         report["plot"] = None
         report["plot_error"] = "matplotlib is not installed (pip install 'epic-ort[plot]')"
     else:
-        _write_bytes_atomic(out / "plot.png", png)
+        write_bytes_atomic(out / "plot.png", png)
         report["plot"] = "plot.png"
     write_json_atomic(out / "report.json", report)
     write_text_atomic(out / "report.md", format_markdown(report))
