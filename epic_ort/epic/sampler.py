@@ -17,6 +17,7 @@ prompt) evaluate each shared candidate once.
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -29,7 +30,6 @@ from ..sampling.sample import gumbel
 from .lazy import LazySearch
 from .lookahead import lookahead_entropy
 
-MAX_ROWS_PER_CALL = 256
 
 
 @dataclass
@@ -45,7 +45,7 @@ class _RowSearch:
 
 class EpicChooser:
     def __init__(self, alpha: float, horizon: int = 4, rollouts: int = 2, processors: ProcessorList | None = None,
-                 max_first_block: int = 64, margin: float = 1.0):
+                 max_first_block: int = 64, margin: float = 1.0, kv_budget_bytes: int = 512 << 20):
         if horizon < 1 or rollouts < 1:
             raise ValueError("horizon and rollouts must be >= 1")
         self.alpha = float(alpha)
@@ -54,6 +54,7 @@ class EpicChooser:
         self.processors = processors if processors is not None else ProcessorList()
         self.max_first_block = max_first_block
         self.margin = margin
+        self.kv_budget_bytes = kv_budget_bytes
         self.step_log: list[tuple[int, int, int]] | None = None  # set to [] to record (evals, calls, nucleus99)
         self._h_recent: dict[tuple[int, int], float] = {}  # per sample: EMA of its winners' Ĥ
 
@@ -111,19 +112,20 @@ class EpicChooser:
             if not tokens:
                 break
             uniforms = np.stack([self.rollout_uniforms(states[p].seed, t) for p, t in zip(parents, tokens)])
-            results = []
-            for lo in range(0, len(tokens), MAX_ROWS_PER_CALL):
-                hi = lo + MAX_ROWS_PER_CALL
-                results.append(lookahead_entropy(model, cache, parents[lo:hi], tokens[lo:hi], uniforms[lo:hi],
-                                                 self.horizon, self.processors))
+            starts = self._chunk_starts(model, cache, parents)
+            ends = starts[1:] + [len(tokens)]
+            results = [
+                lookahead_entropy(model, cache, parents[lo:hi], tokens[lo:hi], uniforms[lo:hi], self.horizon,
+                                  self.processors)
+                for lo, hi in zip(starts, ends)
+            ]
             h = np.concatenate([res.entropy for res in results])
-            calls = sum(res.calls for res in results)
-            rounds.append(results)
+            rounds.append((starts, results))
             for i, cands, slots in per_row:
                 st = states[i]
                 st.search.update(cands, h[slots])
                 st.evals += len(slots)
-                st.calls += calls
+                st.calls += sum(results[c].calls for c in {bisect_right(starts, j) - 1 for j in slots})
                 hit = np.flatnonzero(cands == st.search.best_token)
                 if hit.size:  # the best can only have changed to a candidate of this round
                     st.winner = (len(rounds) - 1, slots[int(hit[0])])
@@ -141,22 +143,47 @@ class EpicChooser:
         stats = [{"entropy_evals": st.evals, "forward_passes": st.calls, "lookahead_rows": st.rows} for st in states]
         return StepResult(chosen, next_logits, next_cache, stats)
 
+    def _chunk_starts(self, model: CausalLM, cache: KVCache, parents: list[int]) -> list[int]:
+        """Split a round's candidates into lookahead calls whose forked KV cache stays within
+        `kv_budget_bytes`, cutting between batch rows where possible so that a row usually takes
+        part in one call per depth. Long prefixes mean fewer candidates per call."""
+        layers, heads, dim = model.spec.num_layers, model.spec.num_kv_heads, model.spec.head_dim
+        itemsize = np.dtype(model.spec.kv_dtype).itemsize
+        per_row = 2 * layers * 2 * heads * dim * itemsize * (cache.length + self.horizon)  # past + present
+        cap = max(1, int(self.kv_budget_bytes // (per_row * self.rollouts)))
+        starts = [0]
+        count = 0
+        for j in range(1, len(parents) + 1):
+            count += 1
+            row_ends = j == len(parents) or parents[j] != parents[j - 1]
+            if j < len(parents) and (count >= cap or (row_ends and count + _run_length(parents, j) > cap)):
+                starts.append(j)
+                count = 0
+        return starts
+
     @staticmethod
     def _gather_winners(states: list[_RowSearch], rounds: list[Any]) -> tuple[np.ndarray, KVCache]:
         """The chosen candidates' depth-0 logits and cache rows, in row order."""
-        parts_logits, parts_cache = [], []
+        picks = []
         for st in states:
             r, j = st.winner  # type: ignore[misc]
-            chunk, k = divmod(j, MAX_ROWS_PER_CALL)
-            res = rounds[r][chunk]
-            parts_logits.append(res.first_logits[k])
-            parts_cache.append((r, chunk, k))
-        logits = np.stack(parts_logits)
-        sources = {(r, c) for r, c, _ in parts_cache}
+            starts, results = rounds[r]
+            c = bisect_right(starts, j) - 1
+            picks.append((r, c, j - starts[c]))
+        logits = np.stack([rounds[r][1][c].first_logits[k] for r, c, k in picks])
+        sources = {(r, c) for r, c, _ in picks}
         if len(sources) == 1:
             r, c = sources.pop()
-            return logits, rounds[r][c].first_cache.select([k for _, _, k in parts_cache])
-        return logits, KVCache.concat([rounds[r][c].first_cache.select([k]) for r, c, k in parts_cache])
+            return logits, rounds[r][1][c].first_cache.select([k for _, _, k in picks])
+        return logits, KVCache.concat([rounds[r][1][c].first_cache.select([k]) for r, c, k in picks])
+
+
+def _run_length(parents: list[int], j: int) -> int:
+    """How many consecutive candidates from position j share parents[j]."""
+    n = 1
+    while j + n < len(parents) and parents[j + n] == parents[j]:
+        n += 1
+    return n
 
 
 def _nucleus_sizes(logq: np.ndarray, mass: float) -> np.ndarray:
