@@ -45,7 +45,7 @@ class _RowSearch:
 
 class EpicChooser:
     def __init__(self, alpha: float, horizon: int = 4, rollouts: int = 2, processors: ProcessorList | None = None,
-                 max_first_block: int = 64, margin: float = 1.0, kv_budget_bytes: int = 512 << 20):
+                 max_first_block: int = 64, margin: float = 1.0, kv_budget_bytes: int = 1 << 30):
         if horizon < 1 or rollouts < 1:
             raise ValueError("horizon and rollouts must be >= 1")
         self.alpha = float(alpha)
