@@ -25,3 +25,22 @@ def test_tiny_kv_budget_gives_same_tokens_with_more_calls(tiny_llama):
     evals = sum(e for e, _, _ in small_log)
     assert calls_small > calls_big
     assert calls_small >= 3 * evals // 2  # every candidate ran its own k calls (minus EOS-shortened ones)
+
+
+def test_epic_step_api_matches_generate(tiny_llama):
+    """The one-step API picks the token generate() picks with the same random stream."""
+    import numpy as np
+
+    from epic_ort.epic import epic_step
+    from epic_ort.sampling.sample import sample_rng
+
+    prompt = "the cat"
+    cfg = epic_ort.GenerationConfig(max_new_tokens=1, alpha=0.7, horizon=3, rollouts=2, seed=9)
+    (s,) = list(generate(tiny_llama, [prompt], cfg))
+    logits, cache = tiny_llama.prefill([tiny_llama.encode(prompt)])
+    res = epic_step(tiny_llama, logits, cache, [sample_rng(9, 0, 0)], alpha=0.7, horizon=3, rollouts=2,
+                    histories=[tiny_llama.encode(prompt)])
+    assert int(res.tokens[0]) == s.token_ids[0]
+    assert res.row_stats[0]["entropy_evals"] == s.stats["entropy_evals"]
+    ref, _ = tiny_llama.step(res.tokens, cache)
+    np.testing.assert_allclose(res.next_logits, ref, atol=1e-5)

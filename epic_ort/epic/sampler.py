@@ -178,6 +178,30 @@ class EpicChooser:
         return logits, KVCache.concat([rounds[r][1][c].first_cache.select([k]) for r, c, k in picks])
 
 
+def epic_step(
+    model: CausalLM,
+    logits: np.ndarray,
+    cache: KVCache,
+    rngs: Sequence[np.random.Generator],
+    alpha: float,
+    horizon: int = 4,
+    rollouts: int = 2,
+    processors: ProcessorList | None = None,
+    histories: Sequence[Sequence[int]] | None = None,
+) -> StepResult:
+    """One EPIC step for rows of a batch, outside the decode loop (to embed or test the sampler).
+
+    logits [rows, V] and cache are the model's state after each row's prefix (e.g. from
+    model.prefill); rngs are the rows' random streams. Returns the chosen tokens, their stats
+    (entropy_evals, forward_passes, lookahead_rows) and the logits/cache after those tokens.
+    """
+    procs = processors if processors is not None else ProcessorList()
+    scores = procs(np.zeros((len(rngs), 0), dtype=np.int64), logits) if len(procs) else logits
+    hist = histories if histories is not None else [[] for _ in rngs]
+    rows = [Row(0, i, list(h), rng) for i, (h, rng) in enumerate(zip(hist, rngs))]
+    return EpicChooser(alpha, horizon, rollouts, procs)(model, rows, logits, scores, cache)
+
+
 def _run_length(parents: list[int], j: int) -> int:
     """How many consecutive candidates from position j share parents[j]."""
     n = 1

@@ -188,10 +188,9 @@ class CausalLM:
         self.calls = _CallCounter()
 
     def _model_file(self) -> Path:
-        for name in ("model_optimized.onnx", "model.onnx"):
-            p = self.model_dir / name
-            if p.is_file():
-                return p
+        p = self.model_dir / "model.onnx"
+        if p.is_file():
+            return p
         raise ModelLoadError(f"{self.model_dir}/model.onnx is missing; re-export with `epic-ort export --force`")
 
     def _check_manifest(self) -> None:
