@@ -442,8 +442,8 @@ def plot_curves(report: dict[str, Any]) -> bytes:
     ax.set_xlabel("position in the continuation (tokens, bucket centre)")
     ax.set_ylabel("entropy of the model's next-token distribution (nats)")
     s = report["settings"]
-    model_name = Path(str(report["model"].get("source") or report["model"]["dir"])).name
-    ax.set_title(f"Entropy along the text: {model_name}, {s['prompts']} prompts of {s['prompt_tokens']} tokens")
+    model_name = Path(str(report["model"]["dir"])).name  # the folder name: short, unlike the source
+    ax.set_title(f"Entropy rate along the continuation ({model_name}, {s['prompts']} prompts)", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
