@@ -210,7 +210,8 @@ def _quantize_int8(path: Path) -> None:
     tmp = path.with_name("model.int8.onnx")
     logging.disable(logging.WARNING)  # its advice to pre-process applies to CNNs, not to this graph
     try:
-        quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+        quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                         per_channel=True)
     finally:
         logging.disable(logging.NOTSET)
     os.replace(tmp, path)
