@@ -102,7 +102,6 @@ class Row:
     finish_reason: str | None = None
     text: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
-    started: float = 0.0
 
 
 @dataclass
@@ -134,7 +133,7 @@ def plain_chooser(greedy_decoding: bool) -> TokenChooser:
 OnToken = Callable[[Row, str], None]
 
 
-def encode_prompts(model: CausalLM, prompts: Sequence[str], chat: bool, max_new_tokens: int, truncate: str) -> list[list[int]]:
+def encode_prompts(model: CausalLM, prompts: Sequence[str], chat: bool, truncate: str) -> list[list[int]]:
     """Tokenize, refusing empty prompts and prompts that leave no room in the context."""
     out = []
     limit = model.max_positions - 1
@@ -186,7 +185,7 @@ def generate(
     if prompt_ids is None:
         if prompts is None:
             raise InvalidRequestError("give prompts or prompt_ids")
-        prompt_ids = encode_prompts(model, prompts, chat, config.max_new_tokens, config.truncate)
+        prompt_ids = encode_prompts(model, prompts, chat, config.truncate)
     seed = resolve_seed(config.seed)
     config = replace(config, seed=seed)
     if chooser is None:
@@ -229,7 +228,6 @@ def _decode_batch(
     t0 = time.perf_counter()
     logits, cache = _prefill_rows(model, rows)
     for r in rows:
-        r.started = t0
         r.stats = {"prompt_tokens": len(r.prompt_ids)}
     active = list(range(len(rows)))
     eos = set(model.eos_token_ids)
@@ -238,8 +236,11 @@ def _decode_batch(
     need_text = bool(config.stop) or on_token is not None
     while active:
         act_rows = [rows[i] for i in active]
-        history = np.array([r.generated for r in act_rows], dtype=np.int64).reshape(len(act_rows), -1)
-        scores = processors(history, logits) if len(processors) else logits
+        if len(processors):
+            history = np.array([r.generated for r in act_rows], dtype=np.int64).reshape(len(act_rows), -1)
+            scores = processors(history, logits)
+        else:
+            scores = logits
         result = chooser(model, act_rows, logits, scores, cache)
         tokens = result.tokens
         keep = []

@@ -15,7 +15,8 @@ import pytest
 import epic_ort
 from epic_ort.decoding import GenerationConfig, Row, plain_chooser
 from epic_ort.epic.lazy import LazySearch, eager_gumbel_max, lazy_gumbel_max
-from epic_ort.epic.lookahead import _inverse_cdf, lookahead_entropy
+from epic_ort.epic.lookahead import lookahead_entropy
+from epic_ort.sampling.sample import inverse_cdf
 from epic_ort.epic.sampler import EpicChooser
 from epic_ort.sampling.processors import build_processors, entropy, log_softmax
 from epic_ort.sampling.sample import gumbel, probs_from_scores, sample_rng
@@ -222,12 +223,12 @@ def test_lookahead_estimator_k2(tiny_llama):
 
     # plain Monte Carlo: sum of sampled surprisals along rollouts of the same kind
     logp1 = np.log(p1)
-    z1 = _inverse_cdf(p1[np.repeat(np.arange(len(cands)), n_seeds)], u[:, 0, 0]).reshape(len(cands), n_seeds)
+    z1 = inverse_cdf(p1[np.repeat(np.arange(len(cands)), n_seeds)], u[:, 0, 0]).reshape(len(cands), n_seeds)
     u2 = rng.random((len(cands), n_seeds))
     plain = np.empty((len(cands), n_seeds))
     for c in range(len(cands)):
         p2 = np.exp(logp2[c, z1[c]])
-        z2 = _inverse_cdf(p2, u2[c])
+        z2 = inverse_cdf(p2, u2[c])
         s2 = -logp2[c, z1[c], z2]
         plain[c] = -logp1[c, z1[c]] + np.where(z1[c] == EOS, 0.0, s2)
         # same draws: Ĥ is exactly Ent0 + Ent(.|z1) per rollout (allow rare float boundary flips)

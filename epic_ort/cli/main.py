@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from ..errors import EpicOrtError
+from ..runtime.providers import PROVIDERS
 
 DEFAULT_PROMPT = "Once upon a time, in a small village by the sea,"
 
@@ -78,7 +79,7 @@ def _parse_alpha(ctx: click.Context, param: click.Parameter, value: str | None) 
     return a
 
 
-PROVIDER = click.Choice(["auto", "cpu", "cuda", "tensorrt"])
+PROVIDER = click.Choice(list(PROVIDERS))
 
 
 @main.command()
@@ -176,7 +177,6 @@ def _run_requests(model: Any, input_file: Path, output_file: Path | None, defaul
                   batch_size: int, chat: bool, resume: bool, strict: bool) -> int:
     """Serve a JSONL file of requests; returns how many lines failed."""
     from .. import decoding as gen
-    from ..errors import EpicOrtError
     from ..fileio import write_text_atomic
     from ..requests import Request, completed_requests, read_requests
 
@@ -295,10 +295,6 @@ def evaluate(model_dir: Path, corpus: tuple[Path, ...], methods: str | None, pro
                             rollouts=rollouts, batch_size=batch_size, show_progress=True)
     click.echo(format_table(report))
     click.echo(f"wrote {out_dir}/report.json, report.md, plot.png")
-
-
-def run() -> None:  # pragma: no cover - console entry point alias
-    main()
 
 
 if __name__ == "__main__":  # pragma: no cover

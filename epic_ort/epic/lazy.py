@@ -25,7 +25,6 @@ class LazySearch:
         self.offset = max(0.0, -self.alpha) * float(h_max)
         support = np.isfinite(logq)
         self.bound = np.where(support, logq.astype(np.float64) + gumbels, -np.inf)
-        self.logq = logq
         self.evaluated: dict[int, float] = {}
         self.best_token = -1
         self.best_score = -np.inf
@@ -69,12 +68,6 @@ class LazySearch:
             score = self.bound[tok] - self.alpha * h
             if score > self.best_score or self.best_token < 0:
                 self.best_score, self.best_token = score, tok
-
-    @property
-    def needed(self) -> int:
-        """How many candidates the pure one-at-a-time lazy rule would have evaluated: those whose
-        bound beats the final best score. Used to size the next step's first block."""
-        return int(np.count_nonzero(self.bound + self.offset > self.best_score)) + 1
 
 
 def lazy_gumbel_max(

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..runtime.model import CausalLM, KVCache
 from ..sampling.processors import ProcessorList, entropy
-from ..sampling.sample import probs_from_scores
+from ..sampling.sample import inverse_cdf, probs_from_scores
 
 
 @dataclass
@@ -30,13 +30,6 @@ class Lookahead:
     first_logits: np.ndarray  # [n, V] raw logits of q(. | x, y)
     first_cache: KVCache  # n rows: the prefix plus y
     calls: int  # ORT calls made
-    rows: int  # rows run, summed over calls
-
-
-def _inverse_cdf(probs: np.ndarray, u: np.ndarray) -> np.ndarray:
-    cdf = np.cumsum(probs, axis=-1)
-    idx = (cdf <= (u * cdf[:, -1])[:, None]).sum(axis=-1)
-    return np.minimum(idx, probs.shape[-1] - 1)
 
 
 def lookahead_entropy(
@@ -62,7 +55,7 @@ def lookahead_entropy(
 
     forked = cache.select(parents)
     logits0, cache0 = model.step(cands, forked)
-    calls, rows_run = 1, n
+    calls = 1
     scores0 = procs(no_ids, logits0) if procs else logits0
     alive0 = ~np.isin(cands, eos)
     h = np.where(alive0, entropy(scores0), 0.0).astype(np.float64)
@@ -78,14 +71,13 @@ def lookahead_entropy(
         acc = np.zeros(n * rollouts, dtype=np.float64)
         u = uniforms.reshape(n * rollouts, -1)
         for j in range(1, depth):
-            z = _inverse_cdf(probs, u[:, j - 1])
+            z = inverse_cdf(probs, u[:, j - 1])
             alive &= ~np.isin(z, eos)
             logits_j, cache_r = model.step(z, cache_r)
             calls += 1
-            rows_run += n * rollouts
             scores_j = procs(np.zeros((n * rollouts, 0), dtype=np.int64), logits_j) if procs else logits_j
             acc += np.where(alive, entropy(scores_j), 0.0)
             if j + 1 < depth:
                 probs = probs_from_scores(scores_j)
         h += acc.reshape(n, rollouts).mean(axis=1)
-    return Lookahead(h, logits0, cache0, calls, rows_run)
+    return Lookahead(h, logits0, cache0, calls)

@@ -31,7 +31,6 @@ from .lazy import LazySearch
 from .lookahead import lookahead_entropy
 
 
-
 @dataclass
 class _RowSearch:
     search: LazySearch

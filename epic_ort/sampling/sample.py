@@ -33,12 +33,16 @@ def probs_from_scores(scores: np.ndarray) -> np.ndarray:
 
 def sample_categorical(scores: np.ndarray, rngs: Sequence[np.random.Generator]) -> np.ndarray:
     """One draw per row from softmax(scores) by inverse CDF: one uniform from each row's stream."""
-    probs = probs_from_scores(scores)
+    u = np.array([rng.random() for rng in rngs], dtype=np.float64)
+    return inverse_cdf(probs_from_scores(scores), u)
+
+
+def inverse_cdf(probs: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Row i gets the first token whose cumulative probability exceeds u[i] (u in [0, 1)),
+    vectorized over rows; rounding at the top end never lands on a zero-probability token."""
     cdf = np.cumsum(probs, axis=-1)
-    u = np.array([rng.random() for rng in rngs], dtype=np.float64)[:, None] * cdf[:, -1:]
-    idx = (cdf <= u).sum(axis=-1)
-    # never land on a zero-probability token through rounding at the top end
-    idx = np.minimum(idx, scores.shape[-1] - 1)
+    idx = (cdf <= (np.asarray(u, dtype=np.float64) * cdf[:, -1])[:, None]).sum(axis=-1)
+    idx = np.minimum(idx, probs.shape[-1] - 1)
     bad = probs[np.arange(len(idx)), idx] == 0
     if bad.any():
         idx[bad] = np.argmax(probs[bad], axis=-1)
