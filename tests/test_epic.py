@@ -66,6 +66,38 @@ def test_lazy_equals_eager_pure():
         assert means[(0.2, block)] < V / 2
 
 
+def test_lazy_with_tightened_bounds_equals_eager_pure():
+    """Depth-0 terms known for some tokens (Ĥ in [h0, h0 + rest_max]): the search must still
+    return the eager argmax, and must not evaluate a tightened token whose bound is beaten."""
+    V, k = 60, 4
+    h_max = k * math.log(V)
+    rest_max = (k - 1) * math.log(V)
+    rng = np.random.default_rng(99)
+    tightened_total = 0
+    for _ in range(300):
+        logq = log_softmax(rng.normal(0.0, rng.uniform(0.5, 4.0), V))
+        g = gumbel(rng, V)
+        h0 = rng.uniform(0.0, math.log(V), V)
+        H = h0 + rng.uniform(0.0, rest_max, V)
+        for alpha in (-0.7, 0.3, 1.5):
+            ref = eager_gumbel_max(logq, g, alpha, H)
+            s = LazySearch(logq, g, alpha, h_max)
+            first = s.next_block(int(rng.integers(1, 12)))
+            known = first[rng.random(first.size) < 0.7]  # these get full Ĥ, the rest only h0
+            s.update(known, H[known])
+            part = np.setdiff1d(first, known)
+            s.tighten(part, h0[part], h0[part] + rest_max)
+            tightened_total += part.size
+            beaten = {int(t) for t in part if s.tightened[int(t)] <= s.best_score}
+            while not s.done:
+                c = s.next_block(0)
+                assert not beaten & set(c.tolist())
+                if c.size:
+                    s.update(c, H[c])
+            assert s.best_token == ref, alpha
+    assert tightened_total > 500
+
+
 def test_lazy_search_block_order():
     rng = np.random.default_rng(5)
     V = 20
@@ -90,10 +122,13 @@ def _random_prefixes(rng, n, vocab):
     return [[1] + rng.integers(3, vocab, size=int(rng.integers(1, 16))).tolist() for _ in range(n)]
 
 
+@pytest.mark.parametrize("slack", [2.5, 0.0, None], ids=["skip", "skip-hard", "no-skip"])
 @pytest.mark.parametrize(
     "horizon,alpha,top_k", [(2, 1.0, 0), (2, -0.5, 0), (3, 1.0, 0), (3, -0.5, 0), (3, -1.5, 0), (3, 1.0, 10)]
 )
-def test_chooser_equals_eager_on_model(tiny_llama, horizon, alpha, top_k):
+def test_chooser_equals_eager_on_model(tiny_llama, horizon, alpha, top_k, slack):
+    """Whatever the rollout skipping does (slack 0 skips hard and forces later rounds), the
+    token is the eager argmax over every candidate's full Ĥ."""
     model = tiny_llama
     V = model.vocab_size
     R = 2
@@ -101,8 +136,9 @@ def test_chooser_equals_eager_on_model(tiny_llama, horizon, alpha, top_k):
     rng = np.random.default_rng(100 + horizon)
     steps = 0
     evals = []
+    skipped = 0
     for batch in range(4):
-        chooser = EpicChooser(alpha=alpha, horizon=horizon, rollouts=R, processors=procs)
+        chooser = EpicChooser(alpha=alpha, horizon=horizon, rollouts=R, processors=procs, prune_slack=slack)
         prefixes = _random_prefixes(rng, 10, V)
         rows = [Row(0, i, p, sample_rng(777 + batch, 0, i)) for i, p in enumerate(prefixes)]
         logits, cache = model.prefill(prefixes)
@@ -130,7 +166,11 @@ def test_chooser_equals_eager_on_model(tiny_llama, horizon, alpha, top_k):
             assert result.next_cache.next_position[i] == len(prefixes[i]) + 1
             st = result.row_stats[i]
             assert 1 <= st["entropy_evals"] <= V and st["forward_passes"] >= horizon
+            # rows: one per candidate tried, R·(k−1) more for each fully evaluated one
+            tried = st["entropy_evals"] + st["rollouts_skipped"]
+            assert st["lookahead_rows"] == tried + st["entropy_evals"] * R * (horizon - 1)
             evals.append(st["entropy_evals"])
+            skipped += st["rollouts_skipped"]
             steps += 1
         # the cache handed back continues decoding correctly
         nxt, _ = model.step(np.full(len(rows), 5), result.next_cache)
@@ -138,7 +178,12 @@ def test_chooser_equals_eager_on_model(tiny_llama, horizon, alpha, top_k):
         ref_next, _ = model.step(np.full(len(rows), 5), ref_cache)
         np.testing.assert_allclose(nxt, ref_next, atol=1e-4)
     assert steps == 40
-    print(f"k={horizon} alpha={alpha} top_k={top_k}: mean entropy evals {np.mean(evals):.2f} of {V}")
+    if slack is None:
+        assert skipped == 0
+    elif slack == 0.0 and alpha > 0:
+        assert skipped > 0
+    print(f"k={horizon} alpha={alpha} top_k={top_k} slack={slack}: mean entropy evals {np.mean(evals):.2f} of {V}, "
+          f"skipped {skipped}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,10 @@ With Gumbels g_y, the sample is argmax_y s_y, s_y = log q(y) + g_y − a·H(y). 
 whose bound cannot beat the best score found so far can never win and its (costly) H is never
 computed. `LazySearch` is that search as a small state machine so that many rows can advance
 together and share model calls; `lazy_gumbel_max` drives one row with an entropy oracle.
+
+Partial knowledge tightens a bound without settling the score: once the depth-0 term h0 of Ĥ(y) is
+known (one model row, no rollouts), h0 <= Ĥ(y) <= h0 + (k−1)·log|V|, so the bound drops by a·h0
+for a > 0. The sampler uses that to skip the rollouts of candidates that cannot win.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ class LazySearch:
 
     def __init__(self, logq: np.ndarray, gumbels: np.ndarray, alpha: float, h_max: float):
         self.alpha = float(alpha)
-        self.offset = max(0.0, -self.alpha) * float(h_max)
+        self.h_max = float(h_max)
+        self.offset = max(0.0, -self.alpha) * self.h_max
         support = np.isfinite(logq)
         self.bound = np.where(support, logq.astype(np.float64) + gumbels, -np.inf)
         self.evaluated: dict[int, float] = {}
+        self.tightened: dict[int, float] = {}  # token -> its upper bound on s_y from partial knowledge
         self.best_token = -1
         self.best_score = -np.inf
         self.n_support = int(support.sum())
@@ -41,6 +47,8 @@ class LazySearch:
         if self._done:
             return np.empty(0, dtype=np.int64)
         live = self.bound + self.offset > self.best_score
+        for tok, upper in self.tightened.items():
+            live[tok] = upper > self.best_score
         if self.evaluated:
             live[list(self.evaluated)] = False
         idx = np.flatnonzero(live)
@@ -62,9 +70,22 @@ class LazySearch:
         threshold = top - self.alpha * h_guess - margin
         return int(np.count_nonzero(self.bound + self.offset > threshold))
 
+    def upper_bound(self, tokens: np.ndarray, h_low: np.ndarray, h_high: np.ndarray) -> np.ndarray:
+        """Bound on s_y for tokens whose Ĥ is known to lie in [h_low, h_high]."""
+        h = h_low if self.alpha >= 0 else h_high
+        return self.bound[np.asarray(tokens, dtype=np.int64)] - self.alpha * np.asarray(h, dtype=np.float64)
+
+    def tighten(self, tokens: np.ndarray, h_low: np.ndarray, h_high: np.ndarray) -> None:
+        """Record that Ĥ of each token lies in [h_low, h_high] (the token stays unevaluated)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        for tok, upper in zip(tokens.tolist(), self.upper_bound(tokens, h_low, h_high).tolist()):
+            if tok not in self.evaluated:
+                self.tightened[tok] = min(upper, self.tightened.get(tok, np.inf))
+
     def update(self, tokens: np.ndarray, entropies: np.ndarray) -> None:
         for tok, h in zip(np.asarray(tokens).tolist(), np.asarray(entropies, dtype=np.float64).tolist()):
             self.evaluated[tok] = h
+            self.tightened.pop(tok, None)
             score = self.bound[tok] - self.alpha * h
             if score > self.best_score or self.best_token < 0:
                 self.best_score, self.best_token = score, tok

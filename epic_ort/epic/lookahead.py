@@ -10,12 +10,16 @@ returned so the chosen candidate's next decoding step costs nothing.
 
 Rollout randomness comes from per-candidate uniforms supplied by the caller, so Ĥ(y) does not
 depend on which other candidates shared the call.
+
+Depth 0 already gives Ĥ's first term exactly. A caller-supplied `keep` looks at those terms and
+says which candidates deserve rollouts (R·(k−1) rows each): the sampler drops those that can no
+longer win, at no extra ORT call.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -26,10 +30,13 @@ from ..sampling.sample import inverse_cdf, probs_from_scores
 
 @dataclass
 class Lookahead:
-    entropy: np.ndarray  # [n] Ĥ per candidate
+    entropy: np.ndarray  # [n] Ĥ per candidate; NaN where `keep` dropped the rollouts
+    first_entropy: np.ndarray  # [n] the depth-0 term of Ĥ (exact, no rollouts)
+    complete: np.ndarray  # [n] bool: Ĥ is the full estimate
     first_logits: np.ndarray  # [n, V] raw logits of q(. | x, y)
     first_cache: KVCache  # n rows: the prefix plus y
     calls: int  # ORT calls made
+    rows: int  # model rows run, over all calls
 
 
 def lookahead_entropy(
@@ -40,11 +47,13 @@ def lookahead_entropy(
     uniforms: np.ndarray,
     horizon: int,
     processors: ProcessorList | None = None,
+    keep: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Lookahead:
     """Ĥ for candidate i = token candidates[i] appended to cache row parents[i].
 
     uniforms: [n, R, horizon-1] in [0, 1), the rollout draws of each candidate (inverse CDF).
     An entropy after EOS counts as 0; rollouts also stop at the model's context limit.
+    keep: maps the depth-0 terms [n] to a bool mask of the candidates whose rollouts to run.
     """
     parents = np.asarray(parents, dtype=np.int64)
     cands = np.asarray(candidates, dtype=np.int64)
@@ -58,26 +67,34 @@ def lookahead_entropy(
     calls = 1
     scores0 = procs(no_ids, logits0) if procs else logits0
     alive0 = ~np.isin(cands, eos)
-    h = np.where(alive0, entropy(scores0), 0.0).astype(np.float64)
+    h0 = np.where(alive0, entropy(scores0), 0.0).astype(np.float64)
+    h = h0.copy()
+    rows = n
 
     room = model.max_positions - int(cache0.next_position.max())
     depth = min(horizon, room + 1)
-    if depth > 1:
+    complete = np.ones(n, dtype=bool) if keep is None or depth <= 1 else np.asarray(keep(h0), dtype=bool)
+    full = np.flatnonzero(complete)
+    if depth > 1 and full.size:
         rollouts = uniforms.shape[1]
-        tile = np.repeat(np.arange(n), rollouts)
+        m = full.size * rollouts
+        tile = np.repeat(full, rollouts)
         cache_r = cache0.select(tile)
-        probs = probs_from_scores(scores0)[tile]
+        probs = probs_from_scores(scores0[full] if full.size < n else scores0)
+        probs = np.repeat(probs, rollouts, axis=0)
         alive = alive0[tile]
-        acc = np.zeros(n * rollouts, dtype=np.float64)
-        u = uniforms.reshape(n * rollouts, -1)
+        acc = np.zeros(m, dtype=np.float64)
+        u = uniforms[full].reshape(m, -1)
         for j in range(1, depth):
             z = inverse_cdf(probs, u[:, j - 1])
             alive &= ~np.isin(z, eos)
             logits_j, cache_r = model.step(z, cache_r)
             calls += 1
-            scores_j = procs(np.zeros((n * rollouts, 0), dtype=np.int64), logits_j) if procs else logits_j
+            rows += m
+            scores_j = procs(np.zeros((m, 0), dtype=np.int64), logits_j) if procs else logits_j
             acc += np.where(alive, entropy(scores_j), 0.0)
             if j + 1 < depth:
                 probs = probs_from_scores(scores_j)
-        h += acc.reshape(n, rollouts).mean(axis=1)
-    return Lookahead(h, logits0, cache0, calls)
+        h[full] += acc.reshape(full.size, rollouts).mean(axis=1)
+    h[~complete] = np.nan
+    return Lookahead(h, h0, complete, logits0, cache0, calls, rows)

@@ -10,6 +10,12 @@ whose bound still beats the row's best score), all blocks run through one lookah
 and rows update their best. Usually one round suffices, so a token costs about k forward passes,
 and the winner's depth-0 logits and cache become the next step's, so no extra decoding call.
 
+Within the first round, depth 0 (one row per candidate) gives Ĥ's first term h0 exactly, which
+tightens each bound by a·h0. Candidates whose tightened bound falls well below the best score
+this round is expected to reach (each candidate's bound − a·(h0 + the sample's recent rollout
+entropy)) skip their R·(k−1) rollout rows. The search stays exact: a skipped candidate keeps its
+tightened bound and is evaluated in a later round if the true best turns out not to beat it.
+
 With horizon 1 Ĥ is deterministic, so rows whose whole history is identical (several samples of one
 prompt) evaluate each shared candidate once.
 """
@@ -38,13 +44,15 @@ class _RowSearch:
     group: Any
     winner: tuple[int, int] | None = None  # (round, index in that round's lookahead)
     evals: int = 0
+    skipped: int = 0  # candidates whose rollouts were skipped (depth 0 only)
     calls: int = 0
     rows: int = 0
 
 
 class EpicChooser:
     def __init__(self, alpha: float, horizon: int = 4, rollouts: int = 2, processors: ProcessorList | None = None,
-                 max_first_block: int = 64, margin: float = 1.0, kv_budget_bytes: int = 1 << 30):
+                 max_first_block: int = 64, margin: float = 1.0, kv_budget_bytes: int = 1 << 30,
+                 prune_slack: float | None = 2.5):
         if horizon < 1 or rollouts < 1:
             raise ValueError("horizon and rollouts must be >= 1")
         self.alpha = float(alpha)
@@ -54,8 +62,10 @@ class EpicChooser:
         self.max_first_block = max_first_block
         self.margin = margin
         self.kv_budget_bytes = kv_budget_bytes
+        self.prune_slack = prune_slack  # nats of rollout entropy the expected best may be off by; None: never skip
         self.step_log: list[tuple[int, int, int]] | None = None  # set to [] to record (evals, calls, nucleus99)
         self._h_recent: dict[tuple[int, int], float] = {}  # per sample: EMA of its winners' Ĥ
+        self._rest_recent: dict[tuple[int, int], float] = {}  # per sample: EMA of its winners' Ĥ − h0
 
     def _first_block(self, row: Row, search: LazySearch) -> int:
         """Size the first block from this step's bounds and the Ĥ this sample's winners recently had."""
@@ -104,7 +114,6 @@ class EpicChooser:
                         requests[key] = len(tokens)
                         parents.append(i)
                         tokens.append(tok)
-                        st.rows += 1 + self.rollouts * (self.horizon - 1)
                     slots.append(requests[key])
                 per_row.append((i, cands, slots))
             first = False
@@ -115,15 +124,25 @@ class EpicChooser:
             ends = starts[1:] + [len(tokens)]
             results = [
                 lookahead_entropy(model, cache, parents[lo:hi], tokens[lo:hi], uniforms[lo:hi], self.horizon,
-                                  self.processors)
+                                  self.processors, keep=self._pruner(rows, states, parents[lo:hi], tokens[lo:hi])
+                                  if not rounds else None)
                 for lo, hi in zip(starts, ends)
             ]
             h = np.concatenate([res.entropy for res in results])
+            h0 = np.concatenate([res.first_entropy for res in results])
+            done = np.concatenate([res.complete for res in results])
+            row_cost = np.concatenate([1 + res.complete * self.rollouts * (res.calls - 1) for res in results])
             rounds.append((starts, results))
             for i, cands, slots in per_row:
                 st = states[i]
-                st.search.update(cands, h[slots])
-                st.evals += len(slots)
+                full = done[slots]
+                st.search.update(cands[full], h[slots][full])
+                part = np.asarray(slots)[~full]
+                if part.size:
+                    st.search.tighten(cands[~full], h0[part], h0[part] + (self.horizon - 1) * math.log(vocab))
+                st.evals += int(full.sum())
+                st.skipped += int(part.size)
+                st.rows += int(row_cost[slots].sum())
                 st.calls += sum(results[c].calls for c in {bisect_right(starts, j) - 1 for j in slots})
                 hit = np.flatnonzero(cands == st.search.best_token)
                 if hit.size:  # the best can only have changed to a candidate of this round
@@ -138,9 +157,44 @@ class EpicChooser:
             h_win = st.search.evaluated.get(st.search.best_token)
             if h_win is not None:
                 self._h_recent[key] = 0.5 * self._h_recent.get(key, h_win) + 0.5 * h_win
+                r_, c_ = st.winner  # type: ignore[misc]
+                starts_, results_ = rounds[r_]
+                c = bisect_right(starts_, c_) - 1
+                rest = h_win - float(results_[c].first_entropy[c_ - starts_[c]])
+                self._rest_recent[key] = 0.5 * self._rest_recent.get(key, rest) + 0.5 * rest
         next_logits, next_cache = self._gather_winners(states, rounds)
-        stats = [{"entropy_evals": st.evals, "forward_passes": st.calls, "lookahead_rows": st.rows} for st in states]
+        stats = [{"entropy_evals": st.evals, "rollouts_skipped": st.skipped, "forward_passes": st.calls,
+                  "lookahead_rows": st.rows} for st in states]
         return StepResult(chosen, next_logits, next_cache, stats)
+
+    def _pruner(self, rows: Sequence[Row], states: list[_RowSearch], parents: list[int], tokens: list[int]) -> Any:
+        """`keep` for one first-round lookahead call: a candidate gets rollouts if its bound,
+        tightened by its depth-0 term, is within a·prune_slack of the best score its row is
+        expected to reach (from the best in this call, with the sample's recent rollout entropy)."""
+        if self.prune_slack is None or self.horizon == 1 or self.alpha == 0:
+            return None
+        rest_max = (self.horizon - 1) * math.log(len(states[0].search.bound))
+        par = np.asarray(parents)
+        toks = np.asarray(tokens, dtype=np.int64)
+
+        def keep(h0: np.ndarray) -> np.ndarray:
+            mask = np.ones(toks.size, dtype=bool)
+            for i in np.unique(par).tolist():
+                at = np.flatnonzero(par == i)
+                search = states[i].search
+                key = (rows[i].prompt_index, rows[i].sample_index)
+                rest = self._rest_recent.get(key)
+                if rest is None:  # a sample's first step: other samples' figure, else later depths like depth 0
+                    others = list(self._rest_recent.values())
+                    rest = float(np.mean(others)) if others else (self.horizon - 1) * float(np.median(h0[at]))
+                rest = min(max(rest, 0.0), rest_max)
+                upper = search.upper_bound(toks[at], h0[at], h0[at] + rest_max)
+                expected = search.bound[toks[at]] - self.alpha * (h0[at] + rest)
+                target = max(search.best_score, float(expected.max())) - abs(self.alpha) * self.prune_slack
+                mask[at] = upper > target
+            return mask
+
+        return keep
 
     def _chunk_starts(self, model: CausalLM, cache: KVCache, parents: list[int]) -> list[int]:
         """Split a round's candidates into lookahead calls whose forked KV cache stays within

@@ -1,0 +1,294 @@
+"""A lean, hand-built ONNX graph for Llama-family decoder-only models.
+
+Optimum's export of a Llama traces the PyTorch code and leaves ~100 small shape ops per layer
+(Shape/Gather/Unsqueeze/Concat/Expand/Where ...) that ONNX Runtime executes on every decoding
+step. This module writes the same model directly from its weights, with ~15 nodes per layer,
+and with exactly the inputs and outputs of the Optimum export (`text-generation-with-past`):
+
+    input_ids       int64 [batch_size, sequence_length]
+    attention_mask  int64 [batch_size, past_sequence_length + sequence_length]  (1 real, 0 left padding)
+    position_ids    int64 [batch_size, sequence_length]
+    past_key_values.{i}.key / .value   float [batch_size, kv_heads, past_sequence_length, head_dim]
+ -> logits          float [batch_size, sequence_length, vocab]
+    present.{i}.key / .value           float [batch_size, kv_heads, past + sequence_length, head_dim]
+
+so `epic_ort.runtime.model.CausalLM` runs it unchanged and its KV caches are interchangeable with
+those of the Optimum graph (keys are stored after rotary, as in transformers).
+
+Per layer (opset 23):
+
+    SkipSimplifiedLayerNormalization (residual add + RMSNorm, com.microsoft; RMSNormalization for layer 0)
+    MatMul [q|k|v] -> Split -> RotaryEmbedding(q), RotaryEmbedding(k)   (cos/sin tables indexed by position_ids)
+    Attention (ONNX opset 23: GQA, past/present concat, is_causal=0 with the past offset,
+               boolean padding mask [batch, 1, 1, past+seq]; a fully masked row is a zero row, never NaN)
+    MatMul o -> SkipSimplifiedLayerNormalization
+    MatMul [gate|up] -> Split -> Sigmoid -> Mul -> Mul -> MatMul down
+
+The attention mask is turned into a boolean [batch, 1, 1, total] tensor once, at the top; the
+rotary tables are initializers of [max_position_embeddings, head_dim / 2] (computed in float64
+from the model's own inv_freq, so they also survive an fp16 conversion without the phase error
+of computing angles in fp16). A tied lm_head reads the embedding matrix through a transposed
+MatMul (com.microsoft FusedMatMul, transB=1), so the matrix is stored once.
+
+Needs only NumPy and `onnx`; the torch model is converted to NumPy arrays right away.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+OPSET = 23
+MS_DOMAIN = "com.microsoft"
+_MAX_PROTO_BYTES = 1_800_000_000  # above this the weights go to `<name>.data` (protobuf's limit is 2 GB)
+_SUPPORTED_TYPES = {"llama", "mistral"}
+
+
+def supports(config: Any) -> str | None:
+    """None when `config` (a transformers config) can be written by `build_llama_onnx`,
+    else a short reason why not."""
+    kind = getattr(config, "model_type", None)
+    if kind not in _SUPPORTED_TYPES:
+        return f"model_type {kind!r} is not a Llama-family model ({', '.join(sorted(_SUPPORTED_TYPES))})"
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        return f"hidden_act {act!r} (only silu)"
+    for flag in ("attention_bias", "mlp_bias"):
+        if getattr(config, flag, False):
+            return f"{flag}=True (biases are not supported)"
+    scaling = getattr(config, "rope_scaling", None)
+    if scaling and not (isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) == "default"
+                        and set(scaling) <= {"rope_type", "type"}):
+        return f"rope_scaling={scaling} (only plain RoPE is supported)"
+    if getattr(config, "pretraining_tp", 1) not in (1, None):
+        return f"pretraining_tp={config.pretraining_tp} (only 1)"
+    if getattr(config, "partial_rotary_factor", 1.0) not in (1, 1.0, None):
+        return "partial_rotary_factor != 1"
+    window = getattr(config, "sliding_window", None)
+    if kind == "mistral" and window is not None and window < config.max_position_embeddings:
+        return f"sliding_window={window} is smaller than the context"
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    if heads % kv_heads:
+        return f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+    head_dim = _head_dim(config)
+    if head_dim % 2:
+        return f"odd head_dim {head_dim}"
+    if not getattr(config, "head_dim", None) and config.hidden_size % heads:
+        return "hidden_size is not a multiple of num_attention_heads"
+    return None
+
+
+def _head_dim(config: Any) -> int:
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+class _Graph:
+    """Nodes, initializers and the type/shape of every intermediate tensor. The shapes go into
+    value_info: onnx's shape inference stops at com.microsoft ops, and ORT's quantizer needs the
+    element type of every MatMul output."""
+
+    def __init__(self) -> None:
+        from onnx import helper
+
+        self.helper = helper
+        self.nodes: list[Any] = []
+        self.weights: list[tuple[str, np.ndarray]] = []
+        self.value_info: list[Any] = []
+
+    def const(self, name: str, value: Any, dtype: Any = None) -> str:
+        self.weights.append((name, np.ascontiguousarray(np.asarray(value, dtype=dtype))))
+        return name
+
+    def op(self, op_type: str, name: str, inputs: list[str], shapes: list[Any], outputs: list[str] | None = None,
+           dtype: int = 1, domain: str = "", **attrs: Any) -> Any:
+        """One node called `name`; `shapes` lists each output's shape (None: optional output left out),
+        `dtype` their element type. Returns the output name, or the list of them."""
+        outs = outputs or [f"{name}/out{i}" for i in range(len(shapes))]
+        outs = [o if shape is not None else "" for o, shape in zip(outs, shapes)]
+        self.nodes.append(self.helper.make_node(op_type, inputs, outs, name=name, domain=domain or None, **attrs))
+        for o, shape in zip(outs, shapes):
+            if o and shape is not None:
+                self.value_info.append(self.helper.make_tensor_value_info(o, dtype, shape))
+        return outs[0] if len(outs) == 1 else outs
+
+
+def _numpy_weights(hf_model: Any) -> dict[str, np.ndarray]:
+    return {k: v.detach().to("cpu").float().numpy() for k, v in hf_model.state_dict().items()}
+
+
+def _is_tied(w: dict[str, np.ndarray]) -> bool:
+    """lm_head is the embedding matrix (tie_word_embeddings, or simply the same values)."""
+    head, embed = w.get("lm_head.weight"), w["model.embed_tokens.weight"]
+    return head is None or np.shares_memory(head, embed) or np.array_equal(head, embed)
+
+
+def build_llama_onnx(hf_model: Any, path: Path, opset: int = OPSET) -> None:
+    """Write `hf_model` (a transformers Llama-family causal LM, float32 or castable) as one lean
+    ONNX graph at `path`, with the inputs/outputs of Optimum's text-generation-with-past export.
+
+    Weights go into the file itself, or into `path.name + ".data"` beside it when they would pass
+    protobuf's 2 GB limit. The result is checked with onnx.checker."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    config = hf_model.config
+    why = supports(config)
+    if why:
+        raise ValueError(f"cannot build a lean Llama graph: {why}")
+    if opset < OPSET:
+        raise ValueError(f"the lean Llama graph needs opset >= {OPSET} (Attention, RotaryEmbedding)")
+    path = Path(path)
+    w = _numpy_weights(hf_model)
+    tied = _is_tied(w)
+
+    layers = int(config.num_hidden_layers)
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = _head_dim(config)
+    eps = float(config.rms_norm_eps)
+    embed = w["model.embed_tokens.weight"]
+    vocab, hidden = embed.shape
+    max_pos = int(config.max_position_embeddings)
+
+    g = _Graph()
+    B, S, P, T = "batch_size", "sequence_length", "past_sequence_length", "past_sequence_length + sequence_length"
+    f32, i64, boolean = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    inter = int(config.intermediate_size)
+    bse = [B, S, hidden]
+
+    # --- shared by all layers: the padding mask and the rotary tables -------------------------
+    # Attention applies causality itself (is_causal=0, offset by the past length); the mask adds
+    # "key t is a real token". ORT wants the query axis of the mask spelled out: [B, 1, S, T].
+    mask = g.op("Cast", "mask/bool", ["attention_mask"], [[B, T]], dtype=boolean, to=boolean)
+    mask = g.op("Unsqueeze", "mask/b11t", [mask, g.const("mask/axes", [1, 2], np.int64)], [[B, 1, 1, T]],
+                dtype=boolean)
+    seq = g.op("Shape", "mask/seq", ["input_ids"], [[1]], dtype=i64, start=1, end=2)
+    one = g.const("mask/one", [1], np.int64)
+    shape = g.op("Concat", "mask/shape", [one, one, seq, one], [[4]], dtype=i64, axis=0)
+    mask = g.op("Expand", "mask/b1st", [mask, shape], [[B, 1, S, T]], dtype=boolean)
+    inv_freq = _inv_freq(hf_model, config, head_dim)
+    angles = np.arange(max_pos, dtype=np.float64)[:, None] * inv_freq.astype(np.float64)[None, :]
+    cos = g.const("rotary.cos", np.cos(angles), np.float32)  # [max_positions, head_dim / 2]
+    sin = g.const("rotary.sin", np.sin(angles), np.float32)
+
+    g.const("model.embed_tokens.weight", embed)
+    h = g.op("Gather", "embed", ["model.embed_tokens.weight", "input_ids"], [bse])
+    gamma = g.const("model.layers.0.input_layernorm.weight", w["model.layers.0.input_layernorm.weight"])
+    normed = g.op("RMSNormalization", "layers.0/input_norm", [h, gamma], [bse], axis=-1, epsilon=eps)
+    for i in range(layers):
+        p, n = f"model.layers.{i}.", f"layers.{i}/"
+        wqkv = np.concatenate([w[p + "self_attn.q_proj.weight"], w[p + "self_attn.k_proj.weight"],
+                               w[p + "self_attn.v_proj.weight"]], axis=0).T
+        qkv = g.op("MatMul", n + "qkv_proj", [normed, g.const(p + "self_attn.qkv_proj.weight", wqkv)],
+                   [[B, S, q_size + 2 * kv_size]])
+        sizes = g.const(n + "qkv_sizes", [q_size, kv_size, kv_size], np.int64)
+        q, k, v = g.op("Split", n + "split_qkv", [qkv, sizes], [[B, S, q_size], [B, S, kv_size], [B, S, kv_size]],
+                       axis=-1)
+        q = g.op("RotaryEmbedding", n + "rotary_q", [q, cos, sin, "position_ids"], [[B, S, q_size]], num_heads=heads)
+        k = g.op("RotaryEmbedding", n + "rotary_k", [k, cos, sin, "position_ids"], [[B, S, kv_size]],
+                 num_heads=kv_heads)
+        attn = g.op("Attention", n + "attention",
+                    [q, k, v, mask, f"past_key_values.{i}.key", f"past_key_values.{i}.value"],
+                    [[B, S, q_size], [B, kv_heads, T, head_dim], [B, kv_heads, T, head_dim]],
+                    outputs=[n + "attention/out0", f"present.{i}.key", f"present.{i}.value"],
+                    q_num_heads=heads, kv_num_heads=kv_heads, is_causal=0, scale=float(head_dim) ** -0.5)[0]
+        o = g.op("MatMul", n + "o_proj", [attn, g.const(p + "self_attn.o_proj.weight", w[p + "self_attn.o_proj.weight"].T)],
+                 [bse])
+        gamma = g.const(p + "post_attention_layernorm.weight", w[p + "post_attention_layernorm.weight"])
+        normed, h = g.op("SkipSimplifiedLayerNormalization", n + "post_attention_norm", [o, h, gamma],
+                         [bse, None, None, bse], domain=MS_DOMAIN, epsilon=eps)[::3]
+        wgu = np.concatenate([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]], axis=0).T
+        gu = g.op("MatMul", n + "gate_up_proj", [normed, g.const(p + "mlp.gate_up_proj.weight", wgu)],
+                  [[B, S, 2 * inter]])
+        gate, up = g.op("Split", n + "split_gate_up", [gu], [[B, S, inter]] * 2, axis=-1, num_outputs=2)
+        act = g.op("Mul", n + "silu", [gate, g.op("Sigmoid", n + "sigmoid", [gate], [[B, S, inter]])], [[B, S, inter]])
+        gated = g.op("Mul", n + "gated", [act, up], [[B, S, inter]])
+        down = g.op("MatMul", n + "down_proj", [gated, g.const(p + "mlp.down_proj.weight", w[p + "mlp.down_proj.weight"].T)],
+                    [bse])
+        last = i == layers - 1
+        name = "model.norm.weight" if last else f"model.layers.{i + 1}.input_layernorm.weight"
+        normed, h = g.op("SkipSimplifiedLayerNormalization", "final_norm" if last else f"layers.{i + 1}/input_norm",
+                         [down, h, g.const(name, w[name])], [bse, None, None, bse], domain=MS_DOMAIN, epsilon=eps)[::3]
+
+    if tied:  # the embedding matrix [vocab, hidden] read transposed: stored once
+        g.op("FusedMatMul", "lm_head", [normed, "model.embed_tokens.weight"], [[B, S, vocab]], outputs=["logits"],
+             domain=MS_DOMAIN, transA=0, transB=1, alpha=1.0)
+    else:
+        g.op("MatMul", "lm_head", [normed, g.const("lm_head.weight", w["lm_head.weight"].T)], [[B, S, vocab]],
+             outputs=["logits"])
+
+    def io(name: str, elem: int, dims: list[Any]) -> Any:
+        return helper.make_tensor_value_info(name, elem, dims)
+
+    inputs = [io("input_ids", i64, [B, S]), io("attention_mask", i64, [B, T]), io("position_ids", i64, [B, S])]
+    for i in range(layers):
+        for kind in ("key", "value"):
+            inputs.append(io(f"past_key_values.{i}.{kind}", f32, [B, kv_heads, P, head_dim]))
+    outputs = [io("logits", f32, [B, S, vocab])]
+    for i in range(layers):
+        for kind in ("key", "value"):
+            outputs.append(io(f"present.{i}.{kind}", f32, [B, kv_heads, T, head_dim]))
+
+    io_names = {v.name for v in inputs + outputs}
+    graph = helper.make_graph(g.nodes, "epic_ort_lean_llama", inputs, outputs,
+                              value_info=[v for v in g.value_info if v.name not in io_names])
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, 1)],
+        producer_name="epic_ort.export.llama_graph",
+    )
+    model.ir_version = max(model.ir_version, 10)
+    _save(model, g.weights, path)
+    onnx.checker.check_model(str(path))
+
+
+def _inv_freq(hf_model: Any, config: Any, head_dim: int) -> np.ndarray:
+    """The model's own inverse frequencies (transformers computes them in float32)."""
+    rotary = getattr(getattr(hf_model, "model", None), "rotary_emb", None)
+    buf = getattr(rotary, "inv_freq", None)
+    if buf is not None and getattr(rotary, "attention_scaling", 1.0) == 1.0:
+        return buf.detach().to("cpu").float().numpy()
+    theta = np.float32(getattr(config, "rope_theta", 10000.0))
+    return (1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim))).astype(np.float32)
+
+
+def _save(model: Any, weights: list[tuple[str, np.ndarray]], path: Path) -> None:
+    """Attach the initializers and write the file; over ~1.8 GB of weights they go to one external
+    data file beside it (aligned, as onnx's own external-data writer does)."""
+    import onnx
+    from onnx import numpy_helper
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    total = sum(a.nbytes for _, a in weights)
+    data_name = path.name + ".data"
+    data_path = path.with_name(data_name)
+    if total <= _MAX_PROTO_BYTES:
+        if data_path.exists():
+            data_path.unlink()
+        model.graph.initializer.extend(numpy_helper.from_array(a, name) for name, a in weights)
+        onnx.save_model(model, str(path))
+        return
+    offset = 0
+    with open(data_path, "wb") as f:
+        for name, a in weights:
+            if a.nbytes < 1024:
+                model.graph.initializer.append(numpy_helper.from_array(a, name))
+                continue
+            pad = (-offset) % 4096
+            f.write(b"\0" * pad)
+            offset += pad
+            t = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(a.dtype), dims=a.shape)
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(a.nbytes))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+            f.write(a.tobytes())
+            offset += a.nbytes
+            model.graph.initializer.append(t)
+        f.flush()
+        os.fsync(f.fileno())
+    onnx.save_model(model, str(path))

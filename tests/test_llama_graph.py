@@ -1,0 +1,226 @@
+"""The hand-built lean Llama graph (epic_ort.export.llama_graph) against PyTorch and against the
+Optimum export it replaces: same inputs/outputs, same logits, interchangeable KV caches, and it
+survives the fp16 / int8 post-processing of `epic-ort export`."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+onnx = pytest.importorskip("onnx")
+
+import epic_ort  # noqa: E402
+from epic_ort.export import llama_graph  # noqa: E402
+from epic_ort.export.llama_graph import build_llama_onnx, supports  # noqa: E402
+from epic_ort.runtime.model import left_pad  # noqa: E402
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _hf_model(folder: Path, **config):
+    """A tiny random Llama (GQA: 4 heads, 2 KV heads) saved to `folder`, with the test tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    from tiny_models import build_tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    _, vocab = build_tokenizer(folder)
+    torch.manual_seed(1)
+    mistral = config.pop("mistral", False)
+    base = dict(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        initializer_range=0.3, tie_word_embeddings=False,
+    )
+    base.update(config)
+    model = MistralForCausalLM(MistralConfig(**base)) if mistral else LlamaForCausalLM(LlamaConfig(**base))
+    model.eval()
+    model.save_pretrained(str(folder))
+    return model
+
+
+def _lean_folder(hf_model, hf_dir: Path, out: Path) -> Path:
+    """An epic-ort model folder (tokenizer + manifest) whose model.onnx is the lean graph."""
+    from transformers import AutoTokenizer
+
+    from epic_ort.export.exporter import _build_manifest
+    from epic_ort.fileio import write_json_atomic
+    from epic_ort.runtime.manifest import MANIFEST_NAME
+
+    out.mkdir(parents=True, exist_ok=True)
+    build_llama_onnx(hf_model, out / "model.onnx")
+    for name in TOKENIZER_FILES:
+        if (hf_dir / name).is_file():
+            shutil.copy(hf_dir / name, out / name)
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    manifest = _build_manifest(out, hf_model.config, tokenizer, str(hf_dir), "fp32", llama_graph.OPSET, None)
+    write_json_atomic(out / MANIFEST_NAME, manifest.to_json())
+    return out
+
+
+@pytest.fixture(scope="module")
+def lean(tmp_path_factory, tiny_exports):
+    """{variant: (torch model, lean folder)}. 'llama' is the very model of the Optimum tiny export."""
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path_factory.mktemp("lean")
+    hf_dir = tiny_exports["llama"]["hf"]
+    models = {"llama": (AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval(), hf_dir)}
+    for name, config in {
+        "tied": {"tie_word_embeddings": True},
+        "theta": {"rope_theta": 500.0, "num_key_value_heads": 1},
+        "mistral": {"mistral": True, "sliding_window": None, "rope_theta": 1e6},
+    }.items():
+        models[name] = (_hf_model(base / f"{name}-hf", **config), base / f"{name}-hf")
+    return {name: (m, _lean_folder(m, d, base / f"{name}-lean")) for name, (m, d) in models.items()}
+
+
+def _torch_logits(model, ids, mask):
+    import torch
+
+    pos = np.cumsum(mask, axis=-1) - 1
+    pos[mask == 0] = 1
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
+    return out.logits.numpy()
+
+
+def _batch(vocab: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    rows = [list(rng.integers(3, vocab, size=n)) for n in (7, 2, 5)]
+    ids, mask = left_pad(rows, pad_id=2)
+    return ids, mask, rng.integers(3, vocab, size=(3, 4))
+
+
+@pytest.mark.parametrize("variant", ["llama", "tied", "theta", "mistral"])
+def test_prefill_and_cached_steps_match_pytorch(lean, variant):
+    hf_model, folder = lean[variant]
+    model = epic_ort.load(folder, provider="cpu")
+    ids, mask, extra = _batch(model.vocab_size)
+    full_ids = np.concatenate([ids, extra], axis=1)
+    full_mask = np.concatenate([mask, np.ones_like(extra)], axis=1)
+    ref = _torch_logits(hf_model, full_ids, full_mask)
+    n = ids.shape[1]
+
+    # last_only=False also runs check_finite over the padding rows (fully masked queries)
+    logits, cache = model.forward(ids, model.empty_cache(3), mask, last_only=False)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(logits[real], ref[:, :n][real], atol=1e-4)
+    for t in range(extra.shape[1]):
+        logits, cache = model.step(extra[:, t], cache)
+        np.testing.assert_allclose(logits, ref[:, n + t], atol=1e-4)
+    assert cache.length == full_ids.shape[1]
+
+
+def test_multi_token_step_on_a_cache(lean):
+    """seq > 1 with past > 0: causality is offset by the past length."""
+    hf_model, folder = lean["llama"]
+    model = epic_ort.load(folder, provider="cpu")
+    ids, mask, extra = _batch(model.vocab_size, seed=1)
+    ref = _torch_logits(hf_model, np.concatenate([ids, extra], 1), np.concatenate([mask, np.ones_like(extra)], 1))
+    _, cache = model.forward(ids, model.empty_cache(3), mask)
+    logits, cache = model.forward(extra, cache, last_only=False)
+    np.testing.assert_allclose(logits, ref[:, ids.shape[1]:], atol=1e-4)
+
+
+def test_same_contract_and_interchangeable_caches_with_optimum(lean, tiny_exports):
+    hf_model, folder = lean["llama"]
+    optimum_dir = tiny_exports["llama"]["onnx"]
+
+    def io(path):
+        g = onnx.load(str(path), load_external_data=False).graph
+        init = {i.name for i in g.initializer}
+        dims = lambda v: [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
+        return {v.name: (v.type.tensor_type.elem_type, dims(v)) for v in [*g.input, *g.output] if v.name not in init}
+
+    assert io(folder / "model.onnx") == io(optimum_dir / "model.onnx")
+    nodes = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node
+    assert len(nodes) <= 16 * hf_model.config.num_hidden_layers + 12
+
+    lean_lm, opt_lm = epic_ort.load(folder, provider="cpu"), epic_ort.load(optimum_dir, provider="cpu")
+    ids, mask, extra = _batch(lean_lm.vocab_size, seed=2)
+    a, lean_cache = lean_lm.forward(ids, lean_lm.empty_cache(3), mask)
+    b, opt_cache = opt_lm.forward(ids, opt_lm.empty_cache(3), mask)
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    for (x, y) in zip(lean_cache.values, opt_cache.values):
+        np.testing.assert_allclose(x.numpy(), y.numpy(), atol=1e-5)
+    # each graph continues from the other's cache
+    a, _ = opt_lm.step(extra[:, 0], lean_cache)
+    b, _ = lean_lm.step(extra[:, 0], opt_cache)
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["llama", "tied"])
+def test_fp16_and_int8_post_processing(lean, tmp_path, variant):
+    from epic_ort.export.exporter import _convert_fp16, _quantize_int8
+
+    _, folder = lean[variant]
+    ref_model = epic_ort.load(folder, provider="cpu")
+    ids, mask, extra = _batch(ref_model.vocab_size, seed=3)
+    ref, ref_cache = ref_model.forward(ids, ref_model.empty_cache(3), mask)
+    ref_step, _ = ref_model.step(extra[:, 0], ref_cache)
+    for name, convert, tol in (("fp16", _convert_fp16, 2e-2), ("int8", _quantize_int8, 0.5)):
+        out = tmp_path / name
+        shutil.copytree(folder, out)
+        convert(out / "model.onnx")
+        model = epic_ort.load(out, provider="cpu")  # manifest sha is not checked at load
+        logits, cache = model.forward(ids, model.empty_cache(3), mask, last_only=False)  # check_finite: no NaN
+        step, _ = model.step(extra[:, 0], cache)
+        assert np.abs(logits[:, -1] - ref).max() < tol, name
+        assert np.abs(step - ref_step).max() < tol, name
+        assert np.abs(step - ref_step).max() > 0, name
+
+
+def test_external_data_when_large(lean, tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    hf_model, folder = lean["tied"]
+    monkeypatch.setattr(llama_graph, "_MAX_PROTO_BYTES", 0)
+    path = tmp_path / "model.onnx"
+    build_llama_onnx(hf_model, path)
+    assert (tmp_path / "model.onnx.data").is_file()
+    assert path.stat().st_size < 100_000
+
+    def run(p):
+        s = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+        feed = {"input_ids": np.array([[5, 6, 7]]), "attention_mask": np.ones((1, 3), np.int64),
+                "position_ids": np.array([[0, 1, 2]])}
+        for i in s.get_inputs():
+            if i.name.startswith("past_key_values."):
+                feed[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+        return s.run(["logits"], feed)[0]
+
+    np.testing.assert_array_equal(run(path), run(folder / "model.onnx"))
+
+
+def test_supports():
+    from transformers import GPT2Config, LlamaConfig, MistralConfig
+
+    ok = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)
+    assert supports(ok) is None
+    assert supports(LlamaConfig(rope_scaling={"rope_type": "default"})) is None
+    assert "gpt2" in supports(GPT2Config())
+    scaled = LlamaConfig(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    assert "rope_scaling" in supports(scaled)
+    assert "rope_scaling" in supports(LlamaConfig(rope_scaling={"rope_type": "linear", "factor": 2.0}))
+    assert "attention_bias" in supports(LlamaConfig(attention_bias=True))
+    assert "hidden_act" in supports(LlamaConfig(hidden_act="gelu"))
+    assert "sliding_window" in supports(MistralConfig(sliding_window=4096, max_position_embeddings=32768))
+    assert supports(MistralConfig(sliding_window=None)) is None
+
+
+def test_build_refuses_unsupported(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         rope_scaling={"rope_type": "linear", "factor": 2.0})
+    with pytest.raises(ValueError, match="rope_scaling"):
+        build_llama_onnx(LlamaForCausalLM(config), tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()
