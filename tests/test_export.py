@@ -1,4 +1,4 @@
-"""Export variants: int8 dynamic quantization and fp16, on the tiny Llama."""
+"""Export variants: weight-only int8, int8 dynamic quantization and fp16, on the tiny Llama."""
 
 from __future__ import annotations
 
@@ -10,7 +10,12 @@ from epic_ort.errors import ExportError
 from epic_ort.export import export
 
 
-@pytest.mark.parametrize("variant,tol", [({"quantize": "int8"}, 0.5), ({"dtype": "fp16"}, 2e-2)])
+QUANT_OPS = {"int8": {"MatMulNBits"}, "int8-dynamic": {"MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLinear"}}
+
+
+@pytest.mark.parametrize(
+    "variant,tol", [({"quantize": "int8"}, 0.3), ({"quantize": "int8-dynamic"}, 0.5), ({"dtype": "fp16"}, 2e-2)]
+)
 def test_variant_loads_and_tracks_fp32(tiny_exports, tmp_path, variant, tol):
     out = tmp_path / "variant"
     manifest = export(str(tiny_exports["llama"]["hf"]), out, log=lambda m: None, **variant)
@@ -27,8 +32,12 @@ def test_variant_loads_and_tracks_fp32(tiny_exports, tmp_path, variant, tol):
     if "quantize" in variant:
         import onnx
 
-        ops = {n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
-        assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLinear"}
+        graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+        ops = {n.op_type for n in graph.node}
+        assert ops & QUANT_OPS[variant["quantize"]]
+        weights = {i.name for i in graph.initializer}
+        fp32_weight_matmuls = [n.name for n in graph.node if n.op_type == "MatMul" and set(n.input) & weights]
+        assert not fp32_weight_matmuls  # every weight MatMul was quantized
 
 
 def test_bad_export_arguments(tmp_path):
