@@ -1,9 +1,10 @@
-"""int8 dynamic quantization: speed and perplexity change on held-out text.
+"""Quantized exports (weight-only int8, int8 dynamic): speed and perplexity change on held-out text.
 
     python bench/quantization.py [--fp32 models/smollm2-135m] [--int8 models/smollm2-135m-int8]
+        [--int8-dynamic models/smollm2-135m-int8-dynamic]
         [--corpus ../shared/data/austen/persuasion.txt] [--windows 16] [--tokens 256]
 
-Exports the int8 variant when its folder is missing. Perplexity is measured on `windows` random
+Exports a quantized variant when its folder is missing. Perplexity is measured on `windows` random
 passages of `tokens` tokens (the first half is context, the second half is scored), the same
 passages for both models; speed is plain sampling tokens/s at batch 1 (64 tokens, seed 0).
 """
@@ -46,32 +47,36 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fp32", default="models/smollm2-135m")
     ap.add_argument("--int8", default="models/smollm2-135m-int8")
+    ap.add_argument("--int8-dynamic", default="models/smollm2-135m-int8-dynamic")
     ap.add_argument("--corpus", default=str(Path(__file__).resolve().parents[2] / "shared/data/austen/persuasion.txt"))
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=256)
     args = ap.parse_args()
-    if not (Path(args.int8) / "epic_ort_manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "epic_ort.cli.main", "export", "smollm2-135m", args.int8,
-                        "--quantize", "int8"], check=True)
-    fp32 = epic_ort.load(args.fp32, provider="cpu")
-    int8 = epic_ort.load(args.int8, provider="cpu")
-    corpus = load_corpus(fp32, [args.corpus])
+    folders = {"fp32": args.fp32, "int8": args.int8, "int8-dynamic": args.int8_dynamic}
+    for scheme, folder in folders.items():
+        if scheme != "fp32" and not (Path(folder) / "epic_ort_manifest.json").is_file():
+            subprocess.run([sys.executable, "-m", "epic_ort.cli.main", "export", "smollm2-135m", folder,
+                            "--quantize", scheme], check=True)
+    models = {name: epic_ort.load(folder, provider="cpu") for name, folder in folders.items()}
+    corpus = load_corpus(models["fp32"], [args.corpus])
     positions = sample_positions(corpus, args.windows, args.tokens // 2, args.tokens // 2, seed=0)
     rows = {}
-    for name, model, folder in (("fp32", fp32, args.fp32), ("int8", int8, args.int8)):
+    for name, model in models.items():
         rows[name] = {
             "perplexity": perplexity(model, corpus, positions, args.tokens),
             "tokens_per_s": speed(model),
-            "model_mb": (Path(folder) / "model.onnx").stat().st_size / 2**20,
+            "model_mb": (Path(folders[name]) / "model.onnx").stat().st_size / 2**20,
         }
-    change = rows["int8"]["perplexity"] / rows["fp32"]["perplexity"] - 1
+    for r in rows.values():
+        r["perplexity_change"] = r["perplexity"] / rows["fp32"]["perplexity"] - 1
+        r["speed_ratio"] = r["tokens_per_s"] / rows["fp32"]["tokens_per_s"]
     print(f"held-out text: {args.corpus} ({args.windows} passages x {args.tokens // 2} scored tokens)")
-    print("| model | perplexity | tokens/s (batch 1) | model.onnx MB |")
-    print("|---|---|---|---|")
+    print("| model | perplexity | change vs fp32 | tokens/s (batch 1) | speed vs fp32 | model.onnx MB |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
-        print(f"| {name} | {r['perplexity']:.3f} | {r['tokens_per_s']:.1f} | {r['model_mb']:.0f} |")
-    print(f"perplexity change int8 vs fp32: {change:+.2%}; speed ratio {rows['int8']['tokens_per_s'] / rows['fp32']['tokens_per_s']:.2f}x")
-    print(json.dumps({"rows": rows, "perplexity_change": change}))
+        print(f"| {name} | {r['perplexity']:.3f} | {r['perplexity_change']:+.2%} | {r['tokens_per_s']:.1f} | "
+              f"{r['speed_ratio']:.2f}x | {r['model_mb']:.0f} |")
+    print(json.dumps({"rows": rows}))
     return 0
 
 
