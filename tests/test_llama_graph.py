@@ -156,8 +156,17 @@ def test_same_contract_and_interchangeable_caches_with_optimum(lean, tiny_export
     np.testing.assert_allclose(a, b, atol=1e-4)
 
 
+def _quantize_dynamic(path: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = path.with_name("dynamic.onnx")
+    quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], per_channel=True)
+    tmp.replace(path)
+
+
 @pytest.mark.parametrize("variant", ["llama", "tied"])
 def test_fp16_and_int8_post_processing(lean, tmp_path, variant):
+    """The exporter's fp16 conversion and int8 quantization, and ORT's dynamic quantization."""
     from epic_ort.export.exporter import _convert_fp16, _quantize_int8
 
     _, folder = lean[variant]
@@ -165,7 +174,8 @@ def test_fp16_and_int8_post_processing(lean, tmp_path, variant):
     ids, mask, extra = _batch(ref_model.vocab_size, seed=3)
     ref, ref_cache = ref_model.forward(ids, ref_model.empty_cache(3), mask)
     ref_step, _ = ref_model.step(extra[:, 0], ref_cache)
-    for name, convert, tol in (("fp16", _convert_fp16, 2e-2), ("int8", _quantize_int8, 0.5)):
+    for name, convert, tol in (("fp16", _convert_fp16, 2e-2), ("int8", _quantize_int8, 0.5),
+                               ("dynamic", _quantize_dynamic, 0.5)):
         out = tmp_path / name
         shutil.copytree(folder, out)
         convert(out / "model.onnx")

@@ -19,12 +19,12 @@ Per layer (opset 23):
 
     SkipSimplifiedLayerNormalization (residual add + RMSNorm, com.microsoft; RMSNormalization for layer 0)
     MatMul [q|k|v] -> Split -> RotaryEmbedding(q), RotaryEmbedding(k)   (cos/sin tables indexed by position_ids)
-    Attention (ONNX opset 23: GQA, past/present concat, is_causal=0 with the past offset,
-               boolean padding mask [batch, 1, 1, past+seq]; a fully masked row is a zero row, never NaN)
+    Attention (ONNX opset 23: GQA, past/present concat, is_causal=1 with the past offset,
+               boolean padding mask [batch, 1, seq, past+seq]; a fully masked row is a zero row, never NaN)
     MatMul o -> SkipSimplifiedLayerNormalization
     MatMul [gate|up] -> Split -> Sigmoid -> Mul -> Mul -> MatMul down
 
-The attention mask is turned into a boolean [batch, 1, 1, total] tensor once, at the top; the
+The attention mask is turned into a boolean [batch, 1, seq, total] tensor once, at the top; the
 rotary tables are initializers of [max_position_embeddings, head_dim / 2] (computed in float64
 from the model's own inv_freq, so they also survive an fp16 conversion without the phase error
 of computing angles in fp16). A tied lm_head reads the embedding matrix through a transposed
@@ -70,7 +70,8 @@ def supports(config: Any) -> str | None:
     window = getattr(config, "sliding_window", None)
     if kind == "mistral" and window is not None and window < config.max_position_embeddings:
         return f"sliding_window={window} is smaller than the context"
-    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
     if heads % kv_heads:
         return f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
     head_dim = _head_dim(config)
@@ -138,8 +139,9 @@ def build_llama_onnx(hf_model: Any, path: Path, opset: int = OPSET) -> None:
     why = supports(config)
     if why:
         raise ValueError(f"cannot build a lean Llama graph: {why}")
-    if opset < OPSET:
-        raise ValueError(f"the lean Llama graph needs opset >= {OPSET} (Attention, RotaryEmbedding)")
+    if opset < OPSET or onnx.defs.onnx_opset_version() < opset:
+        raise ValueError(f"the lean Llama graph needs opset >= {OPSET} (Attention, RotaryEmbedding, "
+                         f"RMSNormalization); this onnx {onnx.__version__} knows up to {onnx.defs.onnx_opset_version()}")
     path = Path(path)
     w = _numpy_weights(hf_model)
     tied = _is_tied(w)
@@ -160,8 +162,13 @@ def build_llama_onnx(hf_model: Any, path: Path, opset: int = OPSET) -> None:
     inter = int(config.intermediate_size)
     bse = [B, S, hidden]
 
+    def linear(*names: str) -> str:
+        """nn.Linear weights [out, in] (several: stacked along out) as one MatMul operand [in, out]."""
+        stacked = np.concatenate([w[k] for k in names], axis=0) if len(names) > 1 else w[names[0]]
+        return g.const(names[0].replace("q_proj", "qkv_proj").replace("gate_proj", "gate_up_proj"), stacked.T)
+
     # --- shared by all layers: the padding mask and the rotary tables -------------------------
-    # Attention applies causality itself (is_causal=0, offset by the past length); the mask adds
+    # Attention applies causality itself (is_causal=1, offset by the past length); the mask adds
     # "key t is a real token". ORT wants the query axis of the mask spelled out: [B, 1, S, T].
     mask = g.op("Cast", "mask/bool", ["attention_mask"], [[B, T]], dtype=boolean, to=boolean)
     mask = g.op("Unsqueeze", "mask/b11t", [mask, g.const("mask/axes", [1, 2], np.int64)], [[B, 1, 1, T]],
@@ -181,10 +188,8 @@ def build_llama_onnx(hf_model: Any, path: Path, opset: int = OPSET) -> None:
     normed = g.op("RMSNormalization", "layers.0/input_norm", [h, gamma], [bse], axis=-1, epsilon=eps)
     for i in range(layers):
         p, n = f"model.layers.{i}.", f"layers.{i}/"
-        wqkv = np.concatenate([w[p + "self_attn.q_proj.weight"], w[p + "self_attn.k_proj.weight"],
-                               w[p + "self_attn.v_proj.weight"]], axis=0).T
-        qkv = g.op("MatMul", n + "qkv_proj", [normed, g.const(p + "self_attn.qkv_proj.weight", wqkv)],
-                   [[B, S, q_size + 2 * kv_size]])
+        wqkv = linear(*(f"{p}self_attn.{x}_proj.weight" for x in "qkv"))
+        qkv = g.op("MatMul", n + "qkv_proj", [normed, wqkv], [[B, S, q_size + 2 * kv_size]])
         sizes = g.const(n + "qkv_sizes", [q_size, kv_size, kv_size], np.int64)
         q, k, v = g.op("Split", n + "split_qkv", [qkv, sizes], [[B, S, q_size], [B, S, kv_size], [B, S, kv_size]],
                        axis=-1)
@@ -195,20 +200,17 @@ def build_llama_onnx(hf_model: Any, path: Path, opset: int = OPSET) -> None:
                     [q, k, v, mask, f"past_key_values.{i}.key", f"past_key_values.{i}.value"],
                     [[B, S, q_size], [B, kv_heads, T, head_dim], [B, kv_heads, T, head_dim]],
                     outputs=[n + "attention/out0", f"present.{i}.key", f"present.{i}.value"],
-                    q_num_heads=heads, kv_num_heads=kv_heads, is_causal=0, scale=float(head_dim) ** -0.5)[0]
-        o = g.op("MatMul", n + "o_proj", [attn, g.const(p + "self_attn.o_proj.weight", w[p + "self_attn.o_proj.weight"].T)],
-                 [bse])
+                    q_num_heads=heads, kv_num_heads=kv_heads, is_causal=1, scale=float(head_dim) ** -0.5)[0]
+        o = g.op("MatMul", n + "o_proj", [attn, linear(p + "self_attn.o_proj.weight")], [bse])
         gamma = g.const(p + "post_attention_layernorm.weight", w[p + "post_attention_layernorm.weight"])
         normed, h = g.op("SkipSimplifiedLayerNormalization", n + "post_attention_norm", [o, h, gamma],
                          [bse, None, None, bse], domain=MS_DOMAIN, epsilon=eps)[::3]
-        wgu = np.concatenate([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]], axis=0).T
-        gu = g.op("MatMul", n + "gate_up_proj", [normed, g.const(p + "mlp.gate_up_proj.weight", wgu)],
-                  [[B, S, 2 * inter]])
+        wgu = linear(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+        gu = g.op("MatMul", n + "gate_up_proj", [normed, wgu], [[B, S, 2 * inter]])
         gate, up = g.op("Split", n + "split_gate_up", [gu], [[B, S, inter]] * 2, axis=-1, num_outputs=2)
         act = g.op("Mul", n + "silu", [gate, g.op("Sigmoid", n + "sigmoid", [gate], [[B, S, inter]])], [[B, S, inter]])
         gated = g.op("Mul", n + "gated", [act, up], [[B, S, inter]])
-        down = g.op("MatMul", n + "down_proj", [gated, g.const(p + "mlp.down_proj.weight", w[p + "mlp.down_proj.weight"].T)],
-                    [bse])
+        down = g.op("MatMul", n + "down_proj", [gated, linear(p + "mlp.down_proj.weight")], [bse])
         last = i == layers - 1
         name = "model.norm.weight" if last else f"model.layers.{i + 1}.input_layernorm.weight"
         normed, h = g.op("SkipSimplifiedLayerNormalization", "final_norm" if last else f"layers.{i + 1}/input_norm",
@@ -218,8 +220,7 @@ def build_llama_onnx(hf_model: Any, path: Path, opset: int = OPSET) -> None:
         g.op("FusedMatMul", "lm_head", [normed, "model.embed_tokens.weight"], [[B, S, vocab]], outputs=["logits"],
              domain=MS_DOMAIN, transA=0, transB=1, alpha=1.0)
     else:
-        g.op("MatMul", "lm_head", [normed, g.const("lm_head.weight", w["lm_head.weight"].T)], [[B, S, vocab]],
-             outputs=["logits"])
+        g.op("MatMul", "lm_head", [normed, linear("lm_head.weight")], [[B, S, vocab]], outputs=["logits"])
 
     def io(name: str, elem: int, dims: list[Any]) -> Any:
         return helper.make_tensor_value_info(name, elem, dims)
@@ -241,7 +242,6 @@ def build_llama_onnx(hf_model: Any, path: Path, opset: int = OPSET) -> None:
         opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, 1)],
         producer_name="epic_ort.export.llama_graph",
     )
-    model.ir_version = max(model.ir_version, 10)
     _save(model, g.weights, path)
     onnx.checker.check_model(str(path))
 
