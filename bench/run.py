@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """Benchmark epic-ort against transformers and Optimum on one machine, one prompt, one setting.
 
-    python bench/run.py [--model-dir models/smollm2-135m] [--quick] [--out bench/out]
+    python bench/run.py [--model-dir models/smollm2-135m] [--optimum-dir models/smollm2-135m-optimum]
+        [--quick] [--out bench/out]
 
 Measures (see bench/README.md for the details and caveats):
   1. plain sampling tokens/s (top_k=0, temperature 1, fixed seed) of epic-ort, transformers
-     (the same GGUF weights the export was made from) and Optimum's ORTModelForCausalLM (the
-     same exported folder), at each batch size and prompt length;
+     (the same GGUF weights the export was made from) and Optimum's ORTModelForCausalLM (on
+     Optimum's own export of the same weights, `--optimum-dir`, made with `--graph optimum` on
+     first use; epic-ort runs its default export, the lean graph), at each batch size and prompt length;
   2. EPIC (alpha 0.2, horizon 4, rollouts 2) with epic-ort: time per token relative to epic-ort's
      plain sampling measured in the same worker, forward passes, entropy evaluations and lookahead
      rows per token (mean and 95th percentile over (row, step) pairs);
@@ -345,9 +347,9 @@ def worker_optimum(args: argparse.Namespace) -> dict[str, Any]:
     so.log_severity_level = 3
     t0 = time.perf_counter()
     model = ORTModelForCausalLM.from_pretrained(
-        args.model_dir, provider="CPUExecutionProvider", session_options=so, use_cache=True,
+        args.optimum_dir, provider="CPUExecutionProvider", session_options=so, use_cache=True,
     )
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(args.optimum_dir)
     load_s = time.perf_counter() - t0
     extra = {
         "load_seconds": load_s, "rss_after_load_mb": _rss_now_mb(),
@@ -441,8 +443,8 @@ def run_worker(args: argparse.Namespace, job: dict[str, Any], env: dict[str, str
     cmd = [
         sys.executable, str(Path(__file__).resolve()), "--worker", job["engine"], "--mode", job["mode"],
         "--batch", str(job["batch"]), "--prompt-len", str(job["prompt_len"]), "--tokens", str(job["tokens"]),
-        "--model-dir", str(args.model_dir), "--threads", str(args.threads), "--seed", str(args.seed),
-        "--repeats", str(job["repeats"]),
+        "--model-dir", str(args.model_dir), "--optimum-dir", str(args.optimum_dir), "--threads", str(args.threads),
+        "--seed", str(args.seed), "--repeats", str(job["repeats"]),
     ] + (["--warmup-tokens", str(args.warmup_tokens)] if args.warmup_tokens else [])
     cmd += (["--distinct-prompts"] if args.distinct_prompts else [])
     t0 = time.perf_counter()
@@ -534,7 +536,8 @@ def header_text(info: dict[str, Any], args: argparse.Namespace) -> str:
         f"Threads: every engine uses {args.threads} threads (= all cores): OMP/MKL/OPENBLAS_NUM_THREADS={args.threads}, "
         f"torch.set_num_threads({args.threads}), ONNX Runtime intra_op_num_threads={args.threads}, inter_op_num_threads=1; "
         "engines run one at a time, each in its own process.",
-        f"Model: {args.model_dir} (epic-ort, Optimum); transformers loads {GGUF_PACKAGE}/{GGUF_FILE}, "
+        f"Model: {args.model_dir} (epic-ort), {args.optimum_dir} (Optimum's export of the same weights); "
+        f"transformers loads {GGUF_PACKAGE}/{GGUF_FILE}, "
         "the GGUF the export was made from, dequantized to float32.",
         f"Sampling: top_k=0, top_p=1, temperature 1, seed {args.seed}; transformers/Optimum use "
         "min_new_tokens=max_new_tokens; epic-ort has no min_new_tokens, so 'gen. tokens' shows what it produced. "
@@ -589,6 +592,10 @@ def parent_main(args: argparse.Namespace) -> int:
         if not (model_dir / name).is_file():
             print(f"error: {model_dir / name} is missing; export with `epic-ort export smollm2-135m {model_dir}`", file=sys.stderr)
             return 2
+    if "optimum" in args.only and not (Path(args.optimum_dir) / "model.onnx").is_file():
+        print(f"exporting Optimum's graph for the Optimum anchor into {args.optimum_dir}", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "epic_ort.cli.main", "export", "smollm2-135m", str(args.optimum_dir),
+                        "--graph", "optimum"], check=True)
     info = machine_info(args.threads)
     header = header_text(info, args)
     print(header, flush=True)
@@ -627,7 +634,7 @@ def parent_main(args: argparse.Namespace) -> int:
     doc = {
         "machine": info,
         "settings": {
-            "model_dir": str(args.model_dir), "quick": args.quick, "engines": args.only, "batches": args.batches,
+            "model_dir": str(args.model_dir), "optimum_dir": str(args.optimum_dir), "quick": args.quick, "engines": args.only, "batches": args.batches,
             "prompt_lengths": args.prompt_lengths, "tokens": args.tokens, "epic_tokens": args.epic_tokens,
             "epic": EPIC, "threads": args.threads, "seed": args.seed, "repeats": args.repeats,
             "epic_repeats": args.epic_repeats, "warmup_tokens": args.warmup_tokens,
@@ -649,6 +656,8 @@ def _ints(s: str) -> list[int]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default=str(REPO / "models" / "smollm2-135m"))
+    ap.add_argument("--optimum-dir", default=str(REPO / "models" / "smollm2-135m-optimum"),
+                    help="Optimum's own export of the model, for the Optimum anchor (exported if missing)")
     ap.add_argument("--quick", action="store_true", help="16 plain / 8 EPIC tokens, batch 1 and 8, prompt 32 only")
     ap.add_argument("--out", default=str(HERE / "out"))
     ap.add_argument("--only", default=",".join(ENGINES), help="engines, comma-separated: epic-ort,transformers,optimum")

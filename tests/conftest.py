@@ -13,23 +13,27 @@ SMOLLM2_DIR = Path(os.environ.get("EPIC_ORT_SMOLLM2", ROOT / "models" / "smollm2
 
 @pytest.fixture(scope="session")
 def tiny_exports(tmp_path_factory) -> dict[str, dict[str, Path]]:
-    """{'llama': {'hf': folder, 'onnx': folder}, 'gpt2': ...}, built and exported once per session."""
+    """{'llama': {'hf': folder, 'onnx': folder}, 'llama-optimum': ..., 'gpt2': ...}, built once per session.
+
+    'llama' is the default export (epic-ort's lean graph), 'llama-optimum' the same weights through
+    Optimum, 'gpt2' an architecture only Optimum exports."""
     pytest.importorskip("optimum.exporters.onnx")
     from epic_ort.export import export
     from tiny_models import build_hf_model
 
     base = tmp_path_factory.mktemp("tiny")
     out = {}
-    for kind in ("llama", "gpt2"):
-        hf = base / f"{kind}-hf"
-        build_hf_model(kind, hf)
+    for kind, arch, graph in (("llama", "llama", "auto"), ("llama-optimum", "llama", "optimum"), ("gpt2", "gpt2", "auto")):
+        hf = base / f"{arch}-hf"
+        if not hf.is_dir():
+            build_hf_model(arch, hf)
         onnx_dir = base / f"{kind}-onnx"
-        export(str(hf), onnx_dir, log=lambda m: None)
+        export(str(hf), onnx_dir, graph=graph, log=lambda m: None)
         out[kind] = {"hf": hf, "onnx": onnx_dir}
     return out
 
 
-@pytest.fixture(scope="session", params=["llama", "gpt2"])
+@pytest.fixture(scope="session", params=["llama", "llama-optimum", "gpt2"])
 def tiny(request, tiny_exports):
     """Each tiny export in turn: (kind, hf folder, onnx folder)."""
     d = tiny_exports[request.param]

@@ -45,3 +45,15 @@ def test_bad_export_arguments(tmp_path):
         export(str(tmp_path), tmp_path / "out", log=lambda m: None)
     with pytest.raises(ExportError, match="fp16"):
         export("smollm2-135m", tmp_path / "out", quantize="int8", dtype="fp16", log=lambda m: None)
+
+
+def test_graph_choice(tiny_exports, tmp_path):
+    """auto = lean where supported; an explicit lean is refused where it cannot apply, in one line."""
+    llama, gpt2 = str(tiny_exports["llama"]["hf"]), str(tiny_exports["gpt2"]["hf"])
+    with pytest.raises(ExportError, match="does not support this model .*model_type 'gpt2'|does not support this model"):
+        export(gpt2, tmp_path / "a", graph="lean", log=lambda m: None)
+    with pytest.raises(ExportError, match="opset 23"):
+        export(llama, tmp_path / "b", graph="lean", opset=17, log=lambda m: None)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    manifest = export(llama, tmp_path / "c", opset=17, log=lambda m: None)  # an explicit opset keeps Optimum
+    assert manifest.graph == "optimum" and manifest.opset == 17

@@ -131,7 +131,7 @@ def test_multi_token_step_on_a_cache(lean):
 
 def test_same_contract_and_interchangeable_caches_with_optimum(lean, tiny_exports):
     hf_model, folder = lean["llama"]
-    optimum_dir = tiny_exports["llama"]["onnx"]
+    optimum_dir = tiny_exports["llama-optimum"]["onnx"]
 
     def io(path):
         g = onnx.load(str(path), load_external_data=False).graph

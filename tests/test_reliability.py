@@ -72,6 +72,17 @@ def _truncate_half(d: Path):
     p.write_bytes(data[: len(data) // 2])
 
 
+def _future_opset(d: Path):
+    """A graph stamped with an opset this onnxruntime does not know (as an export for a newer one)."""
+    import onnx
+
+    m = onnx.load(str(d / "model.onnx"))
+    for imp in m.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            imp.version = 99
+    onnx.save(m, str(d / "model.onnx"))
+
+
 CORRUPTIONS = {
     # name: (how to break a copy of a good export, what the message must contain)
     "manifest-missing": (lambda d: (d / "epic_ort_manifest.json").unlink(), "not an epic-ort export"),
@@ -80,6 +91,7 @@ CORRUPTIONS = {
     "model-onnx-garbage": (lambda d: (d / "model.onnx").write_bytes(np.random.default_rng(0).bytes(50_000)),
                            "corrupt or truncated"),
     "model-onnx-empty": (lambda d: (d / "model.onnx").write_bytes(b""), "corrupt or truncated"),
+    "model-onnx-newer-opset": (_future_opset, "lacks an operator"),
     "tokenizer-missing": (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json is missing"),
     "tokenizer-corrupt": (lambda d: (d / "tokenizer.json").write_text('{"version": "1.0", "model": {'),
                           "tokenizer.json is corrupt"),

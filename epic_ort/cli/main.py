@@ -47,18 +47,22 @@ def main() -> None:
 @main.command()
 @click.argument("model")
 @click.argument("output_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--opset", type=click.IntRange(11, 23), default=None, help="ONNX opset (Optimum's default if unset).")
+@click.option("--opset", type=click.IntRange(11, 23), default=None, help="Opset of an Optimum graph (its default if unset); the lean graph is opset 23.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--quantize", type=click.Choice(["int8", "int8-dynamic"]), default=None,
               help="int8: weight-only int8 MatMuls (CPU, ~+1% perplexity); int8-dynamic: ORT dynamic quantization.")
+@click.option("--graph", type=click.Choice(["auto", "lean", "optimum"]), default="auto", show_default=True,
+              help="lean: epic-ort's own Llama graph (fewer ops, faster); auto: lean where the model supports it.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT_DIR if it exists.")
-def export(model: str, output_dir: Path, opset: int | None, dtype: str, quantize: str | None, force: bool) -> None:
+def export(model: str, output_dir: Path, opset: int | None, dtype: str, quantize: str | None, graph: str,
+           force: bool) -> None:
     """Export MODEL (a local HF folder, a hub id, or the alias smollm2-135m) to OUTPUT_DIR."""
     from ..export import export as run_export
 
-    manifest = run_export(model, output_dir, opset=opset, dtype=dtype, force=force, quantize=quantize)
+    manifest = run_export(model, output_dir, opset=opset, dtype=dtype, force=force, quantize=quantize, graph=graph)
     click.echo(
-        f"exported {manifest.source} -> {output_dir} ({manifest.num_layers} layers, vocab {manifest.vocab_size}, "
+        f"exported {manifest.source} -> {output_dir} ({manifest.graph} graph, {manifest.num_layers} layers, "
+        f"vocab {manifest.vocab_size}, "
         f"{manifest.dtype}{', ' + manifest.quantization if manifest.quantization else ''})"
     )
 

@@ -1,4 +1,8 @@
-"""Hugging Face causal LM -> ONNX folder with KV-cache inputs/outputs, via Optimum.
+"""Hugging Face causal LM -> ONNX folder with KV-cache inputs/outputs.
+
+Llama-family models get epic-ort's lean hand-built graph (llama_graph.py: ~14 nodes per layer
+instead of Optimum's ~100, same inputs and outputs); every other architecture, or `--graph optimum`,
+goes through Optimum's exporter.
 
 This is the only part of epic-ort that needs torch/transformers/optimum (the `export` extra);
 they are imported inside the functions so that `import epic_ort` never pulls them in.
@@ -25,6 +29,7 @@ ALIASES = {
 }
 DTYPES = ("fp32", "fp16")
 QUANTIZATIONS = (None, "int8", "int8-dynamic")
+GRAPHS = ("auto", "lean", "optimum")
 INT8_BLOCK = 32  # weights per int8 scale: small blocks keep SmolLM2's perplexity within 1% of fp32
 
 
@@ -60,9 +65,14 @@ def export(
     dtype: str = "fp32",
     force: bool = False,
     quantize: str | None = None,
+    graph: str = "auto",
     log: Callable[[str], None] | None = None,
 ) -> Manifest:
-    """Export `model` into `output_dir` and return the manifest written beside model.onnx."""
+    """Export `model` into `output_dir` and return the manifest written beside model.onnx.
+
+    graph: "lean" (epic-ort's own Llama graph), "optimum", or "auto" (lean where supported)."""
+    if graph not in GRAPHS:
+        raise ExportError(f"graph must be one of {GRAPHS}")
     if dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {DTYPES}")
     if quantize not in QUANTIZATIONS:
@@ -91,14 +101,24 @@ def export(
         except OSError as e:
             raise ExportError(f"cannot load {model!r}: {str(e).splitlines()[0]}") from None
         hf_model.eval()
-        say("[2/4] exporting to ONNX (text-generation-with-past)")
-        onnx_export_from_model(
-            hf_model,
-            str(tmp),
-            opset=opset,
-            task="text-generation-with-past",
-            do_validation=False,
-        )
+        graph = _choose_graph(graph, hf_model.config, opset)
+        if graph == "lean":
+            from .llama_graph import OPSET, build_llama_onnx
+
+            say(f"[2/4] writing the lean {hf_model.config.model_type} graph (opset {OPSET})")
+            build_llama_onnx(hf_model, tmp / "model.onnx")
+            hf_model.config.save_pretrained(str(tmp))
+            hf_model.generation_config.save_pretrained(str(tmp))
+            opset = OPSET
+        else:
+            say("[2/4] exporting to ONNX with Optimum (text-generation-with-past)")
+            onnx_export_from_model(
+                hf_model,
+                str(tmp),
+                opset=opset,
+                task="text-generation-with-past",
+                do_validation=False,
+            )
         tokenizer.save_pretrained(str(tmp))
         if not (tmp / "tokenizer.json").is_file():
             raise ExportError(f"{model!r} has no fast tokenizer (tokenizer.json); epic-ort's runtime needs one")
@@ -113,10 +133,26 @@ def export(
             _quantize_int8_dynamic(tmp / "model.onnx")
         else:
             say("[3/4] checking the graph")
-        manifest = _build_manifest(tmp, hf_model.config, tokenizer, description, dtype, opset, quantize)
+        manifest = _build_manifest(tmp, hf_model.config, tokenizer, description, dtype, opset, quantize, graph)
         write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
         say(f"[4/4] wrote {out}")
     return manifest
+
+
+def _choose_graph(graph: str, config: Any, opset: int | None) -> str:
+    """Resolve "auto"; refuse "lean" where the lean builder does not support the model."""
+    from .llama_graph import OPSET, supports
+
+    why = supports(config)
+    if graph == "lean":
+        if why:
+            raise ExportError(f"--graph lean does not support this model ({why}); use --graph optimum")
+        if opset is not None and opset != OPSET:
+            raise ExportError(f"--graph lean writes opset {OPSET}; drop --opset or use --graph optimum")
+        return "lean"
+    if graph == "auto":
+        return "lean" if why is None and opset in (None, OPSET) else "optimum"
+    return graph
 
 
 def _quiet_libraries() -> None:
@@ -163,7 +199,8 @@ def _eos_ids(config: Any, tokenizer: Any, folder: Path) -> list[int]:
 
 
 def _build_manifest(
-    folder: Path, config: Any, tokenizer: Any, source: str, dtype: str, opset: int | None, quantize: str | None
+    folder: Path, config: Any, tokenizer: Any, source: str, dtype: str, opset: int | None, quantize: str | None,
+    graph: str = "optimum",
 ) -> Manifest:
     inputs, outputs, shapes = _graph_io(folder / "model.onnx")
     past = [n for n in inputs if n.startswith("past_key_values.")]
@@ -194,6 +231,7 @@ def _build_manifest(
         opset=opset,
         chat_template=chat_template if isinstance(chat_template, str) else None,
         quantization=quantize,
+        graph=graph,
     )
 
 

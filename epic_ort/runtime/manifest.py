@@ -36,6 +36,7 @@ class Manifest:
     opset: int | None = None
     chat_template: str | None = None
     quantization: str | None = None
+    graph: str = "optimum"  # "lean" (epic-ort's Llama graph) or "optimum"
     extra: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
 

@@ -176,6 +176,11 @@ class CausalLM:
             )
         except Exception as e:  # ORT raises its own types (Fail, InvalidProtobuf, ...)
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            if any(k in str(e) for k in ("NOT_IMPLEMENTED", "Could not find an implementation", "opset")):
+                raise ModelLoadError(
+                    f"cannot load {onnx_path}: onnxruntime {ort.__version__} lacks an operator it uses ({first}); "
+                    "upgrade onnxruntime, or re-export with `epic-ort export --graph optimum`"
+                ) from None
             raise ModelLoadError(
                 f"cannot load {onnx_path} ({first}); the file is corrupt or truncated: re-export with `epic-ort export --force`"
             ) from None
