@@ -62,8 +62,7 @@ def lookahead_entropy(
     procs = processors if processors is not None and len(processors) else None
     no_ids = np.zeros((n, 0), dtype=np.int64)
 
-    forked = cache.select(parents)
-    logits0, cache0 = model.step(cands, forked)
+    logits0, cache0 = model.step(cands, cache.select(parents))  # the fork is freed as soon as the call returns
     calls = 1
     scores0 = procs(no_ids, logits0) if procs else logits0
     alive0 = ~np.isin(cands, eos)

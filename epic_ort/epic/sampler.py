@@ -42,7 +42,7 @@ class _RowSearch:
     search: LazySearch
     seed: int
     group: Any
-    winner: tuple[int, int] | None = None  # (round, index in that round's lookahead)
+    winner: tuple[np.ndarray, KVCache, float] | None = None  # the best's depth-0 logits, cache row, h0
     evals: int = 0
     skipped: int = 0  # candidates whose rollouts were skipped (depth 0 only)
     calls: int = 0
@@ -93,7 +93,7 @@ class EpicChooser:
             group = (tuple(r.prompt_ids), tuple(r.generated)) if self.horizon == 1 else i
             states.append(_RowSearch(LazySearch(logq[i], g, self.alpha, h_max), seed, group))
 
-        rounds: list[Any] = []
+        rounds = 0
         first_blocks = [self._first_block(r, st.search) for r, st in zip(rows, states)]
         first = True
         while True:
@@ -125,14 +125,14 @@ class EpicChooser:
             results = [
                 lookahead_entropy(model, cache, parents[lo:hi], tokens[lo:hi], uniforms[lo:hi], self.horizon,
                                   self.processors, keep=self._pruner(rows, states, parents[lo:hi], tokens[lo:hi])
-                                  if not rounds else None)
+                                  if rounds == 0 else None)
                 for lo, hi in zip(starts, ends)
             ]
             h = np.concatenate([res.entropy for res in results])
             h0 = np.concatenate([res.first_entropy for res in results])
             done = np.concatenate([res.complete for res in results])
             row_cost = np.concatenate([1 + res.complete * self.rollouts * (res.calls - 1) for res in results])
-            rounds.append((starts, results))
+            rounds += 1
             for i, cands, slots in per_row:
                 st = states[i]
                 full = done[slots]
@@ -146,7 +146,12 @@ class EpicChooser:
                 st.calls += sum(results[c].calls for c in {bisect_right(starts, j) - 1 for j in slots})
                 hit = np.flatnonzero(cands == st.search.best_token)
                 if hit.size:  # the best can only have changed to a candidate of this round
-                    st.winner = (len(rounds) - 1, slots[int(hit[0])])
+                    j = slots[int(hit[0])]
+                    c = bisect_right(starts, j) - 1
+                    res, k = results[c], j - starts[c]
+                    # keep only the best's row: the round's forked caches are freed before the next round
+                    st.winner = (res.first_logits[k].copy(), res.first_cache.select([k]), float(res.first_entropy[k]))
+            del results
 
         chosen = np.array([st.search.best_token for st in states], dtype=np.int64)
         if self.step_log is not None:
@@ -157,12 +162,10 @@ class EpicChooser:
             h_win = st.search.evaluated.get(st.search.best_token)
             if h_win is not None:
                 self._h_recent[key] = 0.5 * self._h_recent.get(key, h_win) + 0.5 * h_win
-                r_, c_ = st.winner  # type: ignore[misc]
-                starts_, results_ = rounds[r_]
-                c = bisect_right(starts_, c_) - 1
-                rest = h_win - float(results_[c].first_entropy[c_ - starts_[c]])
+                rest = h_win - st.winner[2]  # type: ignore[index]
                 self._rest_recent[key] = 0.5 * self._rest_recent.get(key, rest) + 0.5 * rest
-        next_logits, next_cache = self._gather_winners(states, rounds)
+        next_logits = np.stack([st.winner[0] for st in states])  # type: ignore[index]
+        next_cache = KVCache.concat([st.winner[1] for st in states])  # type: ignore[index]
         stats = [{"entropy_evals": st.evals, "rollouts_skipped": st.skipped, "forward_passes": st.calls,
                   "lookahead_rows": st.rows} for st in states]
         return StepResult(chosen, next_logits, next_cache, stats)
@@ -213,22 +216,6 @@ class EpicChooser:
                 starts.append(j)
                 count = 0
         return starts
-
-    @staticmethod
-    def _gather_winners(states: list[_RowSearch], rounds: list[Any]) -> tuple[np.ndarray, KVCache]:
-        """The chosen candidates' depth-0 logits and cache rows, in row order."""
-        picks = []
-        for st in states:
-            r, j = st.winner  # type: ignore[misc]
-            starts, results = rounds[r]
-            c = bisect_right(starts, j) - 1
-            picks.append((r, c, j - starts[c]))
-        logits = np.stack([rounds[r][1][c].first_logits[k] for r, c, k in picks])
-        sources = {(r, c) for r, c, _ in picks}
-        if len(sources) == 1:
-            r, c = sources.pop()
-            return logits, rounds[r][1][c].first_cache.select([k for _, _, k in picks])
-        return logits, KVCache.concat([rounds[r][1][c].first_cache.select([k]) for r, c, k in picks])
 
 
 def epic_step(
