@@ -509,3 +509,22 @@ def test_softmax_helpers_are_stable():
     np.testing.assert_allclose(ls[0, [0, 3]], math.log(0.5), rtol=1e-6)
     assert np.isneginf(ls[0, 2]) and np.isneginf(ls[1]).all()
     assert (p[1] == 0).all()
+
+
+def test_entropy_and_probs_match_the_float64_helpers():
+    """The lookahead's fused float32 pass agrees with entropy() and softmax() in float64."""
+    from epic_ort.sampling.processors import entropy_and_probs, softmax
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 4, (6, 5000)).astype(np.float32)
+    x[1, :4000] = -np.inf  # banned tokens
+    x[2, :] = -np.inf
+    x[2, 7] = 1.0  # one finite entry: entropy exactly 0
+    x[3] *= 1e4  # nearly one-hot, huge logits
+    x[4] = 0.0  # uniform: log(5000)
+    h, p = entropy_and_probs(x)
+    np.testing.assert_allclose(h, entropy(x.astype(np.float64)), atol=1e-5)
+    np.testing.assert_allclose(p, softmax(x.astype(np.float64)), atol=1e-7)
+    assert h[2] == 0.0 and abs(h[4] - np.log(5000)) < 1e-5
+    assert np.isfinite(h).all() and np.isfinite(p).all() and p.dtype == np.float64
+    assert entropy_and_probs(x, with_probs=False)[1] is None

@@ -24,8 +24,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..runtime.model import CausalLM, KVCache
-from ..sampling.processors import ProcessorList, entropy
-from ..sampling.sample import inverse_cdf, probs_from_scores
+from ..sampling.processors import ProcessorList, entropy_and_probs
+from ..sampling.sample import inverse_cdf
 
 
 @dataclass
@@ -66,12 +66,13 @@ def lookahead_entropy(
     calls = 1
     scores0 = procs(no_ids, logits0) if procs else logits0
     alive0 = ~np.isin(cands, eos)
-    h0 = np.where(alive0, entropy(scores0), 0.0).astype(np.float64)
+    room = model.max_positions - int(cache0.next_position.max())
+    depth = min(horizon, room + 1)
+    h0, probs0 = entropy_and_probs(scores0, with_probs=depth > 1)
+    h0 = np.where(alive0, h0, 0.0)
     h = h0.copy()
     rows = n
 
-    room = model.max_positions - int(cache0.next_position.max())
-    depth = min(horizon, room + 1)
     complete = np.ones(n, dtype=bool) if keep is None or depth <= 1 else np.asarray(keep(h0), dtype=bool)
     full = np.flatnonzero(complete)
     if depth > 1 and full.size:
@@ -79,8 +80,7 @@ def lookahead_entropy(
         m = full.size * rollouts
         tile = np.repeat(full, rollouts)
         cache_r = cache0.select(tile)
-        probs = probs_from_scores(scores0[full] if full.size < n else scores0)
-        probs = np.repeat(probs, rollouts, axis=0)
+        probs = probs0[tile]
         alive = alive0[tile]
         acc = np.zeros(m, dtype=np.float64)
         u = uniforms[full].reshape(m, -1)
@@ -91,9 +91,8 @@ def lookahead_entropy(
             calls += 1
             rows += m
             scores_j = procs(np.zeros((m, 0), dtype=np.int64), logits_j) if procs else logits_j
-            acc += np.where(alive, entropy(scores_j), 0.0)
-            if j + 1 < depth:
-                probs = probs_from_scores(scores_j)
+            h_j, probs = entropy_and_probs(scores_j, with_probs=j + 1 < depth)
+            acc += np.where(alive, h_j, 0.0)
         h[full] += acc.reshape(full.size, rollouts).mean(axis=1)
     h[~complete] = np.nan
     return Lookahead(h, h0, complete, logits0, cache0, calls, rows)

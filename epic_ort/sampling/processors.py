@@ -120,6 +120,26 @@ def entropy(scores: np.ndarray) -> np.ndarray:
     return -np.sum(terms, axis=-1)
 
 
+def entropy_and_probs(scores: np.ndarray, with_probs: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """`entropy(scores)` and the softmax (float64, for inverse-CDF draws) from one exp pass in float32.
+
+    EPIC's lookahead needs both for every rollout row at every depth; computing them separately
+    costs three float64 exps over the vocabulary per row. H = log Z − Σ e·s / Z with s = x − max,
+    e = exp(s), Z = Σ e; float32 with pairwise sums keeps H within ~1e-6 nats of the float64 value.
+    Banned (`-inf`) entries get e = 0 and contribute 0.
+    """
+    x = np.asarray(scores, dtype=np.float32)
+    m = np.max(x, axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, np.float32(0.0))
+    s = np.maximum(x - m, np.float32(-200.0))  # exp(-200) is 0 in float32, and 0 * -200 is 0, not NaN
+    e = np.exp(s)
+    z = np.sum(e, axis=-1, keepdims=True, dtype=np.float64)
+    z = np.where(z > 0, z, 1.0)
+    h = np.log(z[..., 0]) - np.einsum("...v,...v->...", e, s, dtype=np.float64) / z[..., 0]
+    probs = e.astype(np.float64) / z if with_probs else None
+    return np.maximum(h, 0.0), probs
+
+
 # ---------------------------------------------------------------------------------------------
 # shared plumbing
 # ---------------------------------------------------------------------------------------------
