@@ -30,13 +30,19 @@ from ..sampling.sample import inverse_cdf
 
 @dataclass
 class Lookahead:
-    entropy: np.ndarray  # [n] Ĥ per candidate; NaN where `keep` dropped the rollouts
+    entropy: np.ndarray  # [n] Ĥ per candidate; NaN where `keep` stopped its rollouts early
     first_entropy: np.ndarray  # [n] the depth-0 term of Ĥ (exact, no rollouts)
     complete: np.ndarray  # [n] bool: Ĥ is the full estimate
+    lower: np.ndarray  # [n] the terms of Ĥ computed (all of Ĥ where complete): a lower bound on Ĥ
+    terms: np.ndarray  # [n] how many of the k terms `lower` holds
+    candidate_rows: np.ndarray  # [n] model rows each candidate took
     first_logits: np.ndarray  # [n, V] raw logits of q(. | x, y)
     first_cache: KVCache  # n rows: the prefix plus y
     calls: int  # ORT calls made
     rows: int  # model rows run, over all calls
+
+
+Keep = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
 
 
 def lookahead_entropy(
@@ -47,13 +53,15 @@ def lookahead_entropy(
     uniforms: np.ndarray,
     horizon: int,
     processors: ProcessorList | None = None,
-    keep: Callable[[np.ndarray], np.ndarray] | None = None,
+    keep: Keep | None = None,
 ) -> Lookahead:
     """Ĥ for candidate i = token candidates[i] appended to cache row parents[i].
 
     uniforms: [n, R, horizon-1] in [0, 1), the rollout draws of each candidate (inverse CDF).
     An entropy after EOS counts as 0; rollouts also stop at the model's context limit.
-    keep: maps the depth-0 terms [n] to a bool mask of the candidates whose rollouts to run.
+    keep(idx, lower, terms): before each further depth, given the candidates still running (indices
+    into `candidates`), the sum of their first `terms` terms of Ĥ (rollout means), a bool mask of
+    those whose rollouts go on. The others come back incomplete, with `lower` as a lower bound.
     """
     parents = np.asarray(parents, dtype=np.int64)
     cands = np.asarray(candidates, dtype=np.int64)
@@ -70,29 +78,41 @@ def lookahead_entropy(
     depth = min(horizon, room + 1)
     h0, probs0 = entropy_and_probs(scores0, with_probs=depth > 1)
     h0 = np.where(alive0, h0, 0.0)
-    h = h0.copy()
-    rows = n
+    lower = h0.copy()
+    terms = np.ones(n, dtype=np.int64)
+    cand_rows = np.ones(n, dtype=np.int64)
 
-    complete = np.ones(n, dtype=bool) if keep is None or depth <= 1 else np.asarray(keep(h0), dtype=bool)
-    full = np.flatnonzero(complete)
-    if depth > 1 and full.size:
+    active = np.arange(n)
+    if depth > 1 and keep is not None:
+        active = active[np.asarray(keep(active, lower, 1), dtype=bool)]
+    if depth > 1 and active.size:
         rollouts = uniforms.shape[1]
-        m = full.size * rollouts
-        tile = np.repeat(full, rollouts)
+        tile = np.repeat(active, rollouts)
         cache_r = cache0.select(tile)
         probs = probs0[tile]
         alive = alive0[tile]
-        acc = np.zeros(m, dtype=np.float64)
-        u = uniforms[full].reshape(m, -1)
+        acc = np.zeros(tile.size, dtype=np.float64)
+        u = uniforms[active].reshape(tile.size, -1)
         for j in range(1, depth):
             z = inverse_cdf(probs, u[:, j - 1])
             alive &= ~np.isin(z, eos)
             logits_j, cache_r = model.step(z, cache_r)
             calls += 1
-            rows += m
-            scores_j = procs(np.zeros((m, 0), dtype=np.int64), logits_j) if procs else logits_j
+            cand_rows[active] += rollouts
+            scores_j = procs(np.zeros((tile.size, 0), dtype=np.int64), logits_j) if procs else logits_j
             h_j, probs = entropy_and_probs(scores_j, with_probs=j + 1 < depth)
             acc += np.where(alive, h_j, 0.0)
-        h[full] += acc.reshape(full.size, rollouts).mean(axis=1)
-    h[~complete] = np.nan
-    return Lookahead(h, h0, complete, logits0, cache0, calls, rows)
+            lower[active] = h0[active] + acc.reshape(active.size, rollouts).mean(axis=1)
+            terms[active] = j + 1
+            if j + 1 < depth and keep is not None:
+                go = np.asarray(keep(active, lower[active], j + 1), dtype=bool)
+                if not go.all():
+                    rows_go = np.repeat(go, rollouts)
+                    active, tile = active[go], tile[rows_go]
+                    if not active.size:
+                        break
+                    cache_r = cache_r.select(np.flatnonzero(rows_go))
+                    probs, alive, acc, u = probs[rows_go], alive[rows_go], acc[rows_go], u[rows_go]
+    complete = terms >= depth
+    h = np.where(complete, lower, np.nan)
+    return Lookahead(h, h0, complete, lower, terms, cand_rows, logits0, cache0, calls, int(cand_rows.sum()))

@@ -128,18 +128,20 @@ class EpicChooser:
                                   if rounds == 0 else None)
                 for lo, hi in zip(starts, ends)
             ]
+            rounds += 1  # only the first round stops rollouts early: later rounds hold candidates that are needed
             h = np.concatenate([res.entropy for res in results])
-            h0 = np.concatenate([res.first_entropy for res in results])
+            lower = np.concatenate([res.lower for res in results])
+            terms = np.concatenate([res.terms for res in results])
             done = np.concatenate([res.complete for res in results])
-            row_cost = np.concatenate([1 + res.complete * self.rollouts * (res.calls - 1) for res in results])
-            rounds += 1
+            row_cost = np.concatenate([res.candidate_rows for res in results])
+            log_v = math.log(vocab)
             for i, cands, slots in per_row:
                 st = states[i]
                 full = done[slots]
                 st.search.update(cands[full], h[slots][full])
                 part = np.asarray(slots)[~full]
-                if part.size:
-                    st.search.tighten(cands[~full], h0[part], h0[part] + (self.horizon - 1) * math.log(vocab))
+                if part.size:  # Ĥ = computed terms + the rest, each rest term in [0, log|V|]
+                    st.search.tighten(cands[~full], lower[part], lower[part] + (self.horizon - terms[part]) * log_v)
                 st.evals += int(full.sum())
                 st.skipped += int(part.size)
                 st.rows += int(row_cost[slots].sum())
@@ -171,28 +173,32 @@ class EpicChooser:
         return StepResult(chosen, next_logits, next_cache, stats)
 
     def _pruner(self, rows: Sequence[Row], states: list[_RowSearch], parents: list[int], tokens: list[int]) -> Any:
-        """`keep` for one first-round lookahead call: a candidate gets rollouts if its bound,
-        tightened by its depth-0 term, is within a·prune_slack of the best score its row is
-        expected to reach (from the best in this call, with the sample's recent rollout entropy)."""
+        """`keep` for one first-round lookahead call. Before each further depth, a candidate goes on
+        if its bound, tightened by the terms of Ĥ computed so far, is within a·prune_slack of the
+        best score its row is expected to reach: the best, over this call's candidates of the row,
+        of bound − a·(terms so far + the sample's recent entropy in the remaining terms)."""
         if self.prune_slack is None or self.horizon == 1 or self.alpha == 0:
             return None
-        rest_max = (self.horizon - 1) * math.log(len(states[0].search.bound))
+        k = self.horizon
+        log_v = math.log(len(states[0].search.bound))
         par = np.asarray(parents)
         toks = np.asarray(tokens, dtype=np.int64)
 
-        def keep(h0: np.ndarray) -> np.ndarray:
-            mask = np.ones(toks.size, dtype=bool)
-            for i in np.unique(par).tolist():
-                at = np.flatnonzero(par == i)
+        def keep(idx: np.ndarray, lower: np.ndarray, terms: int) -> np.ndarray:
+            mask = np.ones(idx.size, dtype=bool)
+            rest_max = (k - terms) * log_v
+            for i in np.unique(par[idx]).tolist():
+                at = np.flatnonzero(par[idx] == i)
                 search = states[i].search
                 key = (rows[i].prompt_index, rows[i].sample_index)
                 rest = self._rest_recent.get(key)
                 if rest is None:  # a sample's first step: other samples' figure, else later depths like depth 0
                     others = list(self._rest_recent.values())
-                    rest = float(np.mean(others)) if others else (self.horizon - 1) * float(np.median(h0[at]))
-                rest = min(max(rest, 0.0), rest_max)
-                upper = search.upper_bound(toks[at], h0[at], h0[at] + rest_max)
-                expected = search.bound[toks[at]] - self.alpha * (h0[at] + rest)
+                    rest = float(np.mean(others)) if others else (k - 1) * float(np.median(lower[at] / terms))
+                rest = min(max(rest * (k - terms) / (k - 1), 0.0), rest_max)  # what is left after `terms` terms
+                t = toks[idx[at]]
+                upper = search.upper_bound(t, lower[at], lower[at] + rest_max)
+                expected = search.bound[t] - self.alpha * (lower[at] + rest)
                 target = max(search.best_score, float(expected.max())) - abs(self.alpha) * self.prune_slack
                 mask[at] = upper > target
             return mask
