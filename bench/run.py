@@ -217,7 +217,8 @@ def worker_epic_ort(args: argparse.Namespace) -> dict[str, Any]:
             "ort_rows_per_token": last["ort_rows"] / generated,
         }
         if rec.row_steps:
-            for key, name in (("entropy_evals", "evals"), ("forward_passes", "forward_passes"), ("lookahead_rows", "lookahead_rows")):
+            for key, name in (("entropy_evals", "evals"), ("rollouts_skipped", "rollouts_skipped"),
+                              ("forward_passes", "forward_passes"), ("lookahead_rows", "lookahead_rows")):
                 vals = [float(r.get(key, 0)) for r in rec.row_steps]
                 total = sum(float(s.stats.get(key, 0)) for s in samples)
                 out[f"{name}_per_token"] = total / generated
