@@ -26,8 +26,7 @@ class LazySearch:
 
     def __init__(self, logq: np.ndarray, gumbels: np.ndarray, alpha: float, h_max: float):
         self.alpha = float(alpha)
-        self.h_max = float(h_max)
-        self.offset = max(0.0, -self.alpha) * self.h_max
+        self.offset = max(0.0, -self.alpha) * float(h_max)
         support = np.isfinite(logq)
         self.bound = np.where(support, logq.astype(np.float64) + gumbels, -np.inf)
         self.evaluated: dict[int, float] = {}

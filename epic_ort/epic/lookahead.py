@@ -11,9 +11,9 @@ returned so the chosen candidate's next decoding step costs nothing.
 Rollout randomness comes from per-candidate uniforms supplied by the caller, so Ĥ(y) does not
 depend on which other candidates shared the call.
 
-Depth 0 already gives Ĥ's first term exactly. A caller-supplied `keep` looks at those terms and
-says which candidates deserve rollouts (R·(k−1) rows each): the sampler drops those that can no
-longer win, at no extra ORT call.
+Depth 0 already gives Ĥ's first term exactly, and each further depth adds one term. Before each
+further depth a caller-supplied `keep` looks at the terms computed so far and says which candidates
+go on (R rows each per depth): the sampler stops those that can no longer win, at no extra ORT call.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ class Lookahead:
     first_logits: np.ndarray  # [n, V] raw logits of q(. | x, y)
     first_cache: KVCache  # n rows: the prefix plus y
     calls: int  # ORT calls made
-    rows: int  # model rows run, over all calls
 
 
 Keep = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
@@ -115,4 +114,4 @@ def lookahead_entropy(
                     probs, alive, acc, u = probs[rows_go], alive[rows_go], acc[rows_go], u[rows_go]
     complete = terms >= depth
     h = np.where(complete, lower, np.nan)
-    return Lookahead(h, h0, complete, lower, terms, cand_rows, logits0, cache0, calls, int(cand_rows.sum()))
+    return Lookahead(h, h0, complete, lower, terms, cand_rows, logits0, cache0, calls)

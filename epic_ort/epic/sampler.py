@@ -11,10 +11,11 @@ and rows update their best. Usually one round suffices, so a token costs about k
 and the winner's depth-0 logits and cache become the next step's, so no extra decoding call.
 
 Within the first round, depth 0 (one row per candidate) gives Ĥ's first term h0 exactly, which
-tightens each bound by a·h0. Candidates whose tightened bound falls well below the best score
-this round is expected to reach (each candidate's bound − a·(h0 + the sample's recent rollout
-entropy)) skip their R·(k−1) rollout rows. The search stays exact: a skipped candidate keeps its
-tightened bound and is evaluated in a later round if the true best turns out not to beat it.
+tightens each bound by a·h0, and each further depth tightens it by its term. Before each depth,
+candidates whose tightened bound falls well below the best score this round is expected to reach
+(each candidate's bound − a·(terms so far + the sample's recent entropy in the remaining terms))
+stop their rollouts. The search stays exact: a stopped candidate keeps its tightened bound and is
+evaluated in full in a later round if the true best turns out not to beat it.
 
 With horizon 1 Ĥ is deterministic, so rows whose whole history is identical (several samples of one
 prompt) evaluate each shared candidate once.
@@ -44,7 +45,7 @@ class _RowSearch:
     group: Any
     winner: tuple[np.ndarray, KVCache, float] | None = None  # the best's depth-0 logits, cache row, h0
     evals: int = 0
-    skipped: int = 0  # candidates whose rollouts were skipped (depth 0 only)
+    skipped: int = 0  # candidates whose rollouts stopped early (Ĥ not computed in full)
     calls: int = 0
     rows: int = 0
 
@@ -95,7 +96,6 @@ class EpicChooser:
 
         rounds = 0
         first_blocks = [self._first_block(r, st.search) for r, st in zip(rows, states)]
-        first = True
         while True:
             requests: dict[Any, int] = {}  # (group, token) -> index in this round
             parents: list[int] = []
@@ -104,7 +104,7 @@ class EpicChooser:
             for i, st in enumerate(states):
                 if st.search.done:
                     continue
-                cands = st.search.next_block(first_blocks[i] if first else 0)
+                cands = st.search.next_block(first_blocks[i] if rounds == 0 else 0)
                 if cands.size == 0:
                     continue
                 slots = []
@@ -116,7 +116,6 @@ class EpicChooser:
                         tokens.append(tok)
                     slots.append(requests[key])
                 per_row.append((i, cands, slots))
-            first = False
             if not tokens:
                 break
             uniforms = np.stack([self.rollout_uniforms(states[p].seed, t) for p, t in zip(parents, tokens)])
@@ -239,7 +238,7 @@ def epic_step(
 
     logits [rows, V] and cache are the model's state after each row's prefix (e.g. from
     model.prefill); rngs are the rows' random streams. Returns the chosen tokens, their stats
-    (entropy_evals, forward_passes, lookahead_rows) and the logits/cache after those tokens.
+    (entropy_evals, rollouts_skipped, forward_passes, lookahead_rows) and the logits/cache after those tokens.
     """
     procs = processors if processors is not None else ProcessorList()
     scores = procs(np.zeros((len(rngs), 0), dtype=np.int64), logits) if len(procs) else logits
