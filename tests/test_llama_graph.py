@@ -139,7 +139,11 @@ def test_same_contract_and_interchangeable_caches_with_optimum(lean, tiny_export
         dims = lambda v: [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
         return {v.name: (v.type.tensor_type.elem_type, dims(v)) for v in [*g.input, *g.output] if v.name not in init}
 
-    assert io(folder / "model.onnx") == io(optimum_dir / "model.onnx")
+    lean_io, optimum_io = io(folder / "model.onnx"), io(optimum_dir / "model.onnx")
+    assert lean_io.pop("logits_to_keep") == (onnx.TensorProto.INT64, [1])  # the lean graph's one extra input
+    assert lean_io.pop("logits")[1][1] == "logits_sequence_length"
+    optimum_io.pop("logits")
+    assert lean_io == optimum_io
     nodes = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node
     assert len(nodes) <= 16 * hf_model.config.num_hidden_layers + 12
 
@@ -154,6 +158,33 @@ def test_same_contract_and_interchangeable_caches_with_optimum(lean, tiny_export
     a, _ = opt_lm.step(extra[:, 0], lean_cache)
     b, _ = lean_lm.step(extra[:, 0], opt_cache)
     np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_logits_to_keep_slices_the_last_positions(lean):
+    """`logits_to_keep` n > 0 gives exactly the last n rows of the full logits (0 gives all), and
+    the runtime asks for 1 in a prefill: the cache is the same either way."""
+    import onnxruntime as ort
+
+    _, folder = lean["llama"]
+    model = epic_ort.load(folder, provider="cpu")
+    ids, mask, _ = _batch(model.vocab_size, seed=4)
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    positions = np.where(mask == 0, 1, np.cumsum(mask, axis=1) - 1)
+    empty = np.zeros((3, model.spec.num_kv_heads, 0, model.spec.head_dim), np.float32)
+    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+            **{n: empty for n in model.spec.past_names}}
+    full = session.run(["logits"], {**feed, "logits_to_keep": np.array([0])})[0]
+    assert full.shape[1] == ids.shape[1]
+    for keep in (1, 3):
+        part = session.run(["logits"], {**feed, "logits_to_keep": np.array([keep])})[0]
+        assert part.shape == (3, keep, full.shape[2])
+        np.testing.assert_allclose(part, full[:, -keep:], atol=1e-5)
+    last, cache = model.forward(ids, model.empty_cache(3), mask)
+    every, cache_all = model.forward(ids, model.empty_cache(3), mask, last_only=False)
+    assert every.shape[1] == ids.shape[1]
+    np.testing.assert_allclose(last, every[:, -1], atol=1e-5)
+    for a, b in zip(cache.values, cache_all.values):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
 def _quantize_dynamic(path: Path) -> None:
@@ -200,7 +231,7 @@ def test_external_data_when_large(lean, tmp_path, monkeypatch):
     def run(p):
         s = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
         feed = {"input_ids": np.array([[5, 6, 7]]), "attention_mask": np.ones((1, 3), np.int64),
-                "position_ids": np.array([[0, 1, 2]])}
+                "position_ids": np.array([[0, 1, 2]]), "logits_to_keep": np.array([0])}
         for i in s.get_inputs():
             if i.name.startswith("past_key_values."):
                 feed[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)

@@ -56,3 +56,11 @@ def test_profiles_are_ordered_min_opt_max():
     lo, mid, hi = dims("trt_profile_min_shapes"), dims("trt_profile_opt_shapes"), dims("trt_profile_max_shapes")
     for n in NAMES:
         assert all(a <= b <= c for a, b, c in zip(lo[n], mid[n], hi[n])), n
+
+
+def test_static_logits_to_keep_gets_no_profile():
+    """The lean graph's `logits_to_keep` has the fixed shape [1]: a profile for it would be
+    rejected by TensorRT, so only the dynamic inputs are listed."""
+    p = trt_profile_shapes(NAMES + ["logits_to_keep"], 3, 64, max_batch=8, max_positions=1024)
+    for key in ("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes"):
+        assert {e.split(":")[0] for e in p[key].split(",")} == set(NAMES)

@@ -9,11 +9,13 @@ and with exactly the inputs and outputs of the Optimum export (`text-generation-
     attention_mask  int64 [batch_size, past_sequence_length + sequence_length]  (1 real, 0 left padding)
     position_ids    int64 [batch_size, sequence_length]
     past_key_values.{i}.key / .value   float [batch_size, kv_heads, past_sequence_length, head_dim]
- -> logits          float [batch_size, sequence_length, vocab]
+ -> logits          float [batch_size, logits_to_keep or sequence_length, vocab]
     present.{i}.key / .value           float [batch_size, kv_heads, past + sequence_length, head_dim]
 
-so `epic_ort.runtime.model.CausalLM` runs it unchanged and its KV caches are interchangeable with
-those of the Optimum graph (keys are stored after rotary, as in transformers).
+plus one input of its own, `logits_to_keep` int64 [1]: the logits cover the last that many
+positions (0: all, as in Optimum's graph; the runtime asks for 1 except when it scores text).
+`epic_ort.runtime.model.CausalLM` runs both graphs, and their KV caches are interchangeable
+(keys are stored after rotary, as in transformers).
 
 Per layer (opset 23):
 
@@ -216,20 +218,27 @@ def build_llama_onnx(hf_model: Any, path: Path, opset: int = OPSET) -> None:
         normed, h = g.op("SkipSimplifiedLayerNormalization", "final_norm" if last else f"layers.{i + 1}/input_norm",
                          [down, h, g.const(name, w[name])], [bse, None, None, bse], domain=MS_DOMAIN, epsilon=eps)[::3]
 
+    # Only the last `logits_to_keep` positions reach the lm_head (0 keeps all): a prefill of
+    # 8 x 512 tokens would otherwise compute (and hold) 8 x 512 x vocab logits to use 8 rows.
+    L = "logits_sequence_length"
+    start = g.op("Neg", "lm_head/start", ["logits_to_keep"], [[1]], dtype=i64)
+    normed = g.op("Slice", "lm_head/keep", [normed, start, g.const("lm_head/end", [2**63 - 1], np.int64),
+                                            g.const("lm_head/axis", [1], np.int64)], [[B, L, hidden]])
     if tied:  # the embedding matrix [vocab, hidden] read transposed: stored once
-        g.op("FusedMatMul", "lm_head", [normed, "model.embed_tokens.weight"], [[B, S, vocab]], outputs=["logits"],
+        g.op("FusedMatMul", "lm_head", [normed, "model.embed_tokens.weight"], [[B, L, vocab]], outputs=["logits"],
              domain=MS_DOMAIN, transA=0, transB=1, alpha=1.0)
     else:
-        g.op("MatMul", "lm_head", [normed, linear("lm_head.weight")], [[B, S, vocab]], outputs=["logits"])
+        g.op("MatMul", "lm_head", [normed, linear("lm_head.weight")], [[B, L, vocab]], outputs=["logits"])
 
     def io(name: str, elem: int, dims: list[Any]) -> Any:
         return helper.make_tensor_value_info(name, elem, dims)
 
-    inputs = [io("input_ids", i64, [B, S]), io("attention_mask", i64, [B, T]), io("position_ids", i64, [B, S])]
+    inputs = [io("input_ids", i64, [B, S]), io("attention_mask", i64, [B, T]), io("position_ids", i64, [B, S]),
+              io("logits_to_keep", i64, [1])]
     for i in range(layers):
         for kind in ("key", "value"):
             inputs.append(io(f"past_key_values.{i}.{kind}", f32, [B, kv_heads, P, head_dim]))
-    outputs = [io("logits", f32, [B, S, vocab])]
+    outputs = [io("logits", f32, [B, L, vocab])]
     for i in range(layers):
         for kind in ("key", "value"):
             outputs.append(io(f"present.{i}.{kind}", f32, [B, kv_heads, T, head_dim]))

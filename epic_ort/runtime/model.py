@@ -33,6 +33,7 @@ class GraphSpec:
     past_names: tuple[str, ...]
     present_names: tuple[str, ...]
     logits: str
+    logits_to_keep: str | None  # lean graphs only: how many trailing positions get logits (0: all)
     num_layers: int
     num_kv_heads: int
     head_dim: int
@@ -64,6 +65,7 @@ class GraphSpec:
             past_names=past,
             present_names=present,
             logits="logits",
+            logits_to_keep="logits_to_keep" if "logits_to_keep" in inputs else None,
             num_layers=len(past) // 2,
             num_kv_heads=heads,
             head_dim=head_dim,
@@ -258,6 +260,8 @@ class CausalLM:
             binding.bind_cpu_input(self.spec.attention_mask, np.ascontiguousarray(mask))
         if self.spec.position_ids:
             binding.bind_cpu_input(self.spec.position_ids, np.ascontiguousarray(positions))
+        if self.spec.logits_to_keep:
+            binding.bind_cpu_input(self.spec.logits_to_keep, np.array([1 if last_only else 0], dtype=np.int64))
         for name, value in zip(self.spec.past_names, cache.values):
             if isinstance(value, np.ndarray):
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))

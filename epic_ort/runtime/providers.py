@@ -43,8 +43,10 @@ def trt_profile_shapes(
             return f"{name}:{batch}x{past + seq}"
         return f"{name}:{batch}x{seq}"
 
+    static = {"logits_to_keep"}  # shape [1]: TensorRT wants profiles for dynamic inputs only
+
     def profile(batch: int, seq: int, past: int) -> str:
-        return ",".join(dims(n, batch, seq, past) for n in input_names)
+        return ",".join(dims(n, batch, seq, past) for n in input_names if n not in static)
 
     return {
         "trt_profile_min_shapes": profile(1, 1, 0),
