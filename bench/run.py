@@ -191,11 +191,11 @@ def worker_epic_ort(args: argparse.Namespace) -> dict[str, Any]:
     def run(alpha: float, tokens: int | None = None) -> dict[str, Any]:
         cfg = config(alpha, tokens or args.tokens)
         rec = Recorder(make_chooser(cfg))
-        calls0, rows0 = model.calls.calls, model.calls.rows
+        calls0, rows0 = model.calls.calls, model.calls.positions
         samples = list(epic_ort.generate(model, prompt_ids=ids, config=cfg, batch_size=args.batch, chooser=rec))
         return {
             "samples": samples, "rec": rec,
-            "ort_calls": model.calls.calls - calls0, "ort_rows": model.calls.rows - rows0,
+            "ort_calls": model.calls.calls - calls0, "ort_positions": model.calls.positions - rows0,
         }
 
     def summarize(times: list[float], last: dict[str, Any]) -> dict[str, Any]:
@@ -212,13 +212,13 @@ def worker_epic_ort(args: argparse.Namespace) -> dict[str, Any]:
             "finish_reasons": {r: sum(s.finish_reason == r for s in samples) for r in {s.finish_reason for s in samples}},
             "steps": rec.steps,
             "ort_calls": last["ort_calls"],
-            "ort_rows": last["ort_rows"],
+            "ort_positions": last["ort_positions"],
             "ort_calls_per_step": last["ort_calls"] / max(rec.steps, 1),
-            "ort_rows_per_token": last["ort_rows"] / generated,
+            "ort_positions_per_token": last["ort_positions"] / generated,
         }
         if rec.row_steps:
             for key, name in (("entropy_evals", "evals"), ("rollouts_skipped", "rollouts_skipped"),
-                              ("forward_passes", "forward_passes"), ("lookahead_rows", "lookahead_rows")):
+                              ("forward_passes", "forward_passes"), ("lookahead_tokens", "lookahead_tokens")):
                 vals = [float(r.get(key, 0)) for r in rec.row_steps]
                 total = sum(float(s.stats.get(key, 0)) for s in samples)
                 out[f"{name}_per_token"] = total / generated
@@ -502,7 +502,7 @@ def _mp(r: dict[str, Any], name: str) -> str:
 def table(results: list[dict[str, Any]]) -> str:
     head = [
         "engine", "mode", "batch", "prompt tokens", "gen. tokens", "tokens/s", "× transformers", "× Optimum",
-        "EPIC time/token ÷ plain", "forward passes/token", "evals/token", "lookahead rows/token", "peak RSS MB",
+        "EPIC time/token ÷ plain", "forward passes/token", "evals/token", "lookahead tokens/token", "peak RSS MB",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in results:
@@ -518,7 +518,7 @@ def table(results: list[dict[str, Any]]) -> str:
                 _f(r.get("ratio_vs_transformers")), _f(r.get("ratio_vs_optimum")),
                 _f(r.get("epic_time_per_token_over_plain")),
                 _mp(r, "forward_passes"), _mp(r, "evals") if r["mode"] == "epic" else "–",
-                _mp(r, "lookahead_rows") if r["mode"] == "epic" else "–",
+                _mp(r, "lookahead_tokens") if r["mode"] == "epic" else "–",
                 _f(r.get("peak_rss_mb"), "{:.0f}"),
             ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -564,7 +564,7 @@ Columns: `× transformers` / `× Optimum` = this row's tokens/s ÷ plain tokens/
 prompt length. `EPIC time/token ÷ plain` = EPIC seconds per token ÷ epic-ort plain seconds per token, both timed in the
 same worker process (same session, same prompt, same token budget). `forward passes/token`: ORT calls a row takes part
 in per token (calls are shared by all rows of a batch); `evals/token`: candidate lookahead entropies evaluated;
-`lookahead rows/token`: rows run in lookahead calls; EPIC cells are `mean / p95`, the mean per generated token and the
+`lookahead tokens/token`: candidate and rollout tokens run in lookahead calls; EPIC cells are `mean / p95`, the mean per generated token and the
 95th percentile over (row, step) pairs. `*` after tokens/s: the slowest timed run took over 1.25x the fastest (a
 busy machine; the median is shown, all times are in results.json). `peak RSS MB`: ru_maxrss of the worker (loading included; the EPIC worker also
 ran plain sampling, whose peak is lower)."""

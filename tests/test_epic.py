@@ -170,7 +170,7 @@ def test_chooser_equals_eager_on_model(tiny_llama, horizon, alpha, top_k, slack)
             # one ran R rows for at most k−2 of its rollout depths
             tried = st["entropy_evals"] + st["rollouts_skipped"]
             floor = tried + st["entropy_evals"] * R * (horizon - 1)
-            assert floor <= st["lookahead_rows"] <= floor + st["rollouts_skipped"] * R * (horizon - 2)
+            assert floor <= st["lookahead_tokens"] <= floor + st["rollouts_skipped"] * R * (horizon - 2)
             evals.append(st["entropy_evals"])
             skipped += st["rollouts_skipped"]
             steps += 1
@@ -207,6 +207,57 @@ def _merged_chisquare(counts, probs, min_expected=5.0):
     return chisquare(obs_m, exp_m).pvalue
 
 
+@pytest.mark.parametrize("layout", ["packed", "row-per-unit", "split"])
+@pytest.mark.parametrize("pruned", [False, True])
+def test_token_tree_equals_forked_rows(tiny_llama, monkeypatch, pruned, layout):
+    """The token-tree lookahead (candidates and rollouts as positions of a few model rows, over
+    shared prefixes) computes what forked rows compute: same Ĥ terms, same depth-0 logits, and a
+    winner cache that continues decoding identically. Left-padded prefixes of different lengths,
+    uneven candidate counts, rollouts stopped midway; all prefixes in one unit, one unit per
+    batch row, and rows split over several units."""
+    from epic_ort.epic import lookahead as la
+
+    if layout == "row-per-unit":  # equal trees, attention made expensive: no two prefixes share a unit
+        monkeypatch.setattr(la, "KEYS_PER_TOKEN", 1e-3)
+    if layout == "split":  # the 30-candidate row takes 5 units of at most 6 candidates (12 rollout tokens)
+        monkeypatch.setattr(la, "MAX_UNIT_TOKENS", 12)
+    model = tiny_llama
+    assert model.supports_trees
+    V = model.vocab_size
+    rng = np.random.default_rng(5)
+    prefixes = _random_prefixes(rng, 4, V)
+    _, cache = model.prefill(prefixes)
+    counts = [5, 5, 5, 5] if layout == "row-per-unit" else [1, 30, 3, 7]
+    parents = np.repeat(np.arange(4), counts)
+    tokens = np.concatenate([rng.choice(V, size=n, replace=False) for n in counts])
+    u = rng.random((tokens.size, 2, 3))
+    keep = (lambda idx, lower, terms: (idx + terms) % 3 != 0) if pruned else None
+    blocks = {}
+    real_pack = la._pack_units
+    monkeypatch.setattr(la, "_pack_units", lambda *a: blocks.setdefault("units", real_pack(*a)))
+    tree = lookahead_entropy(model, cache, parents, tokens, u, 4, keep=keep)
+    unit_parents = blocks["units"][2]
+    expected_shape = {"packed": (1, 4), "row-per-unit": (4, 1)}.get(layout)
+    if expected_shape:
+        assert unit_parents.shape == expected_shape
+    else:
+        assert (unit_parents == 1).sum() == 5
+    monkeypatch.setattr(type(model), "supports_trees", property(lambda self: False))
+    fork = lookahead_entropy(model, cache, parents, tokens, u, 4, keep=keep)
+    assert tree.calls == fork.calls
+    np.testing.assert_array_equal(tree.complete, fork.complete)
+    np.testing.assert_array_equal(tree.terms, fork.terms)
+    np.testing.assert_allclose(tree.lower, fork.lower, atol=1e-4)
+    np.testing.assert_allclose(tree.first_logits, fork.first_logits, atol=1e-4)
+    assert pruned == (not tree.complete.all())
+    picks = [0, 5, 7, tokens.size - 1]
+    a, b = tree.first_cache.select(picks), fork.first_cache.select(picks)
+    np.testing.assert_array_equal(a.attention_mask, b.attention_mask)
+    np.testing.assert_array_equal(a.next_position, b.next_position)
+    nxt = rng.integers(3, V, size=len(picks))
+    np.testing.assert_allclose(model.step(nxt, a)[0], model.step(nxt, b)[0], atol=1e-4)
+
+
 def test_exact_distribution_horizon_1(tiny_llama):
     model = tiny_llama
     V = model.vocab_size
@@ -227,7 +278,7 @@ def test_exact_distribution_horizon_1(tiny_llama):
         assert len(samples) == N
         toks = np.array([s.token_ids[0] for s in samples])
         for s in samples[:50]:
-            assert {"entropy_evals", "forward_passes", "lookahead_rows", "tokens"} <= set(s.stats)
+            assert {"entropy_evals", "forward_passes", "lookahead_tokens", "tokens"} <= set(s.stats)
             assert s.stats["entropy_evals"] > 0 and s.stats["tokens"] == 1
         counts = np.bincount(toks, minlength=V)
         p_qa = _merged_chisquare(counts, qa)
@@ -343,7 +394,7 @@ def _cost(model, k, alpha, batch_size):
     ratio = sum(s.stats["forward_passes"] for s in samples) / tokens
     evals = sum(s.stats["entropy_evals"] for s in samples) / tokens
     for s in samples:
-        assert s.stats["lookahead_rows"] > 0
+        assert s.stats["lookahead_tokens"] > 0
         # every token costs one lookahead round (k calls), at most two: round 2 takes every live candidate
         assert k * s.stats["tokens"] <= s.stats["forward_passes"] <= 2 * k * s.stats["tokens"]
     key = lambda s: (s.prompt_index, s.sample_index)  # noqa: E731

@@ -1,4 +1,5 @@
-"""Splitting a round's lookahead into memory-bounded calls changes cost, never the tokens."""
+"""Splitting a round's lookahead into memory-bounded calls (graphs without token trees) changes
+cost, never the tokens; nor does running the lookahead as token trees instead of forked rows."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ def _run(model, budget):
     return [s.token_ids for s in samples], chooser.step_log
 
 
-def test_tiny_kv_budget_gives_same_tokens_with_more_calls(tiny_llama):
-    big_tokens, big_log = _run(tiny_llama, 1 << 30)
-    small_tokens, small_log = _run(tiny_llama, 1)  # one candidate per call
+def test_tiny_kv_budget_gives_same_tokens_with_more_calls(tiny_exports):
+    model = epic_ort.load(tiny_exports["llama-optimum"]["onnx"], provider="cpu")  # forks the prefix per row
+    assert not model.supports_trees
+    big_tokens, big_log = _run(model, 1 << 30)
+    small_tokens, small_log = _run(model, 1)  # one candidate per call
     assert big_tokens == small_tokens
     calls_big = sum(c for _, c, _ in big_log)
     calls_small = sum(c for _, c, _ in small_log)
@@ -44,3 +47,13 @@ def test_epic_step_api_matches_generate(tiny_llama):
     assert res.row_stats[0]["entropy_evals"] == s.stats["entropy_evals"]
     ref, _ = tiny_llama.step(res.tokens, cache)
     np.testing.assert_allclose(res.next_logits, ref, atol=1e-5)
+
+
+def test_token_trees_give_the_tokens_of_forked_rows(tiny_llama, monkeypatch):
+    """Whole EPIC generations (batch of 4, two prompts, rounds, early stopping) on the lean graph:
+    token trees and forked rows choose the same tokens and count the same work."""
+    tree_tokens, tree_log = _run(tiny_llama, 1 << 30)
+    monkeypatch.setattr(type(tiny_llama), "supports_trees", property(lambda self: False))
+    fork_tokens, fork_log = _run(tiny_llama, 1 << 30)
+    assert tree_tokens == fork_tokens
+    assert [e for e, _, _ in tree_log] == [e for e, _, _ in fork_log]

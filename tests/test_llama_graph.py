@@ -140,12 +140,13 @@ def test_same_contract_and_interchangeable_caches_with_optimum(lean, tiny_export
         return {v.name: (v.type.tensor_type.elem_type, dims(v)) for v in [*g.input, *g.output] if v.name not in init}
 
     lean_io, optimum_io = io(folder / "model.onnx"), io(optimum_dir / "model.onnx")
-    assert lean_io.pop("logits_to_keep") == (onnx.TensorProto.INT64, [1])  # the lean graph's one extra input
+    assert lean_io.pop("logits_to_keep") == (onnx.TensorProto.INT64, [1])  # the lean graph's two extra inputs
+    assert lean_io.pop("tree_mask")[0] == onnx.TensorProto.BOOL
     assert lean_io.pop("logits")[1][1] == "logits_sequence_length"
     optimum_io.pop("logits")
     assert lean_io == optimum_io
     nodes = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node
-    assert len(nodes) <= 16 * hf_model.config.num_hidden_layers + 12
+    assert len(nodes) <= 16 * hf_model.config.num_hidden_layers + 24  # + the shared mask and lm_head slice
 
     lean_lm, opt_lm = epic_ort.load(folder, provider="cpu"), epic_ort.load(optimum_dir, provider="cpu")
     ids, mask, extra = _batch(lean_lm.vocab_size, seed=2)
@@ -172,8 +173,9 @@ def test_logits_to_keep_slices_the_last_positions(lean):
     positions = np.where(mask == 0, 1, np.cumsum(mask, axis=1) - 1)
     empty = np.zeros((3, model.spec.num_kv_heads, 0, model.spec.head_dim), np.float32)
     feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-            **{n: empty for n in model.spec.past_names}}
-    full = session.run(["logits"], {**feed, "logits_to_keep": np.array([0])})[0]
+            "tree_mask": np.ones((1, 1, 1), bool), **{n: empty for n in model.spec.past_names}}
+    full = session.run(["logits"], {**feed, "logits_to_keep": np.array([0]),
+                "tree_mask": np.ones((1, 1, 1), bool)})[0]
     assert full.shape[1] == ids.shape[1]
     for keep in (1, 3):
         part = session.run(["logits"], {**feed, "logits_to_keep": np.array([keep])})[0]
@@ -231,7 +233,8 @@ def test_external_data_when_large(lean, tmp_path, monkeypatch):
     def run(p):
         s = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
         feed = {"input_ids": np.array([[5, 6, 7]]), "attention_mask": np.ones((1, 3), np.int64),
-                "position_ids": np.array([[0, 1, 2]]), "logits_to_keep": np.array([0])}
+                "position_ids": np.array([[0, 1, 2]]), "logits_to_keep": np.array([0]),
+                "tree_mask": np.ones((1, 1, 1), bool)}
         for i in s.get_inputs():
             if i.name.startswith("past_key_values."):
                 feed[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)

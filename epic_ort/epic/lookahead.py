@@ -2,11 +2,18 @@
 
     Ĥ(y) = (1/R) Σ_r Σ_{j<k} Entropy(q(· | x, y, rollout_r[:j]))
 
-All candidates of a block (from any rows of the batch) run together: the prefix cache is forked
-once to the candidate rows, depth 0 feeds the candidates (R copies would compute the same thing,
-so it runs once per candidate), then the cache is tiled to R rollouts per candidate and each
-further depth is one ORT call. The prefix is never re-run. Depth 0's logits and cache are
-returned so the chosen candidate's next decoding step costs nothing.
+All candidates of a block (from any rows of the batch) run together: depth 0 feeds the candidates
+(R copies would compute the same thing, so it runs once per candidate), then R rollouts per
+candidate, and each further depth is one ORT call. The prefix is never re-run. Depth 0's logits and
+cache are returned so the chosen candidate's next decoding step costs nothing.
+
+Two ways to lay the rows out, by what the graph can do:
+- a token tree (`model.supports_trees`, the lean export): the candidates, then the rollouts, are
+  positions of one model row per batch row, over that row's prefix cache; a tree mask lets each
+  token see the prefix and its own ancestors only. The prefix is neither copied nor duplicated, so
+  a long prompt costs no more memory than in plain decoding.
+- forked rows (any other graph): the prefix cache is gathered once to the candidate rows, then
+  tiled to R rows per candidate.
 
 Rollout randomness comes from per-candidate uniforms supplied by the caller, so Ĥ(y) does not
 depend on which other candidates shared the call.
@@ -37,7 +44,7 @@ class Lookahead:
     terms: np.ndarray  # [n] how many of the k terms `lower` holds
     candidate_rows: np.ndarray  # [n] model rows each candidate took
     first_logits: np.ndarray  # [n, V] raw logits of q(. | x, y)
-    first_cache: KVCache  # n rows: the prefix plus y
+    first_cache: KVCache | TreeBranches  # .select(candidates): the cache after the prefix plus y
     calls: int  # ORT calls made
 
 
@@ -69,11 +76,12 @@ def lookahead_entropy(
     procs = processors if processors is not None and len(processors) else None
     no_ids = np.zeros((n, 0), dtype=np.int64)
 
-    logits0, cache0 = model.step(cands, cache.select(parents))  # the fork is freed as soon as the call returns
-    calls = 1
+    rows: _TreeRows | _ForkedRows = (_TreeRows(model, cache, parents, uniforms.shape[1], horizon)
+                                     if model.supports_trees else _ForkedRows(model))
+    logits0, first_cache = rows.first(cache, parents, cands)
     scores0 = procs(no_ids, logits0) if procs else logits0
     alive0 = ~np.isin(cands, eos)
-    room = model.max_positions - int(cache0.next_position.max())
+    room = model.max_positions - int(cache.next_position[parents].max() + 1)
     depth = min(horizon, room + 1)
     h0, probs0 = entropy_and_probs(scores0, with_probs=depth > 1)
     h0 = np.where(alive0, h0, 0.0)
@@ -87,7 +95,7 @@ def lookahead_entropy(
     if depth > 1 and active.size:
         rollouts = uniforms.shape[1]
         tile = np.repeat(active, rollouts)
-        cache_r = cache0.select(tile)
+        rows.start_rollouts(tile)
         probs = probs0[tile]
         alive = alive0[tile]
         acc = np.zeros(tile.size, dtype=np.float64)
@@ -95,8 +103,7 @@ def lookahead_entropy(
         for j in range(1, depth):
             z = inverse_cdf(probs, u[:, j - 1])
             alive &= ~np.isin(z, eos)
-            logits_j, cache_r = model.step(z, cache_r)
-            calls += 1
+            logits_j = rows.step(z, j)
             cand_rows[active] += rollouts
             scores_j = procs(np.zeros((tile.size, 0), dtype=np.int64), logits_j) if procs else logits_j
             h_j, probs = entropy_and_probs(scores_j, with_probs=j + 1 < depth)
@@ -110,8 +117,195 @@ def lookahead_entropy(
                     active, tile = active[go], tile[rows_go]
                     if not active.size:
                         break
-                    cache_r = cache_r.select(np.flatnonzero(rows_go))
+                    rows.keep(rows_go)
                     probs, alive, acc, u = probs[rows_go], alive[rows_go], acc[rows_go], u[rows_go]
     complete = terms >= depth
     h = np.where(complete, lower, np.nan)
-    return Lookahead(h, h0, complete, lower, terms, cand_rows, logits0, cache0, calls)
+    return Lookahead(h, h0, complete, lower, terms, cand_rows, logits0, first_cache, rows.calls)
+
+
+MAX_UNIT_TOKENS = 256  # tree tokens of one unit in one call (rotary tables also cap it at max_positions)
+KEYS_PER_TOKEN = 2000  # rough cost model: attending to this many keys costs about one token through the weights
+
+
+class _ForkedRows:
+    """One model row per candidate, then per rollout: the prefix cache is gathered to them."""
+
+    def __init__(self, model: CausalLM):
+        self.model, self.calls = model, 0
+        self.cache0: KVCache | None = None
+        self.cache_r: KVCache | None = None
+
+    def first(self, cache: KVCache, parents: np.ndarray, cands: np.ndarray) -> tuple[np.ndarray, KVCache]:
+        logits0, self.cache0 = self.model.step(cands, cache.select(parents))  # the fork is freed on return
+        self.calls += 1
+        return logits0, self.cache0
+
+    def start_rollouts(self, tile: np.ndarray) -> None:
+        self.cache_r = self.cache0.select(tile)  # type: ignore[union-attr]
+
+    def step(self, tokens: np.ndarray, depth: int) -> np.ndarray:
+        logits, self.cache_r = self.model.step(tokens, self.cache_r)  # type: ignore[arg-type]
+        self.calls += 1
+        return logits
+
+    def keep(self, mask: np.ndarray) -> None:
+        self.cache_r = self.cache_r.select(np.flatnonzero(mask))  # type: ignore[union-attr]
+
+
+class _TreeRows:
+    """Candidates and rollouts as token trees over their prefixes. A unit is one model row: the
+    prefixes of one or a few batch rows side by side (a few when their trees are small, so that
+    units are about equally wide: narrower ones are padded) followed by their tree tokens. Each
+    token sees its own prefix, its ancestors and itself; all else is masked out."""
+
+    def __init__(self, model: CausalLM, cache: KVCache, parents: np.ndarray, rollouts: int, horizon: int):
+        self.model, self.calls = model, 0
+        cap = max(1, min(MAX_UNIT_TOKENS, model.max_positions) // max(rollouts, 1))
+        tree_keys = lambda width: width * (1 + rollouts * (horizon - 1)) / 2  # noqa: E731 (mean tree size)
+        self.cand_unit, self.cand_block, self.unit_parents = _pack_units(parents, cache.length, cap, tree_keys)
+        self.parents, self.prefix_len = parents, cache.length
+        self.prefix_next = cache.next_position
+        self.blocks = self.unit_parents.shape[1]
+        self.cache = _unit_cache(cache, self.unit_parents)
+        self.row_cand: np.ndarray | None = None  # rollout rows: their candidate, and the key columns
+        self.row_path: np.ndarray | None = None  # of their tree ancestors
+
+    def _run(self, tokens: np.ndarray, cand: np.ndarray, depth: int, ancestors: np.ndarray | None
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """Feed one token per entry of `cand` (the candidate each belongs to), at tree depth
+        `depth`; return their logits and key columns. `ancestors` [tokens, d]: tree key columns
+        each token also sees, besides its prefix and itself."""
+        units, unit = int(self.unit_parents.shape[0]), self.cand_unit[cand]
+        col = _slot_in_unit(unit, units)
+        width, past, span = int(col.max()) + 1, self.cache.length, self.blocks * self.prefix_len
+        ids = np.zeros((units, width), dtype=np.int64)
+        ids[unit, col] = tokens
+        real = np.zeros((units, width), dtype=np.int64)
+        real[unit, col] = 1
+        positions = np.zeros((units, width), dtype=np.int64)
+        positions[unit, col] = self.prefix_next[self.parents[cand]] + depth
+        sees_block = np.zeros((units, width, self.blocks), dtype=bool)
+        sees_block[unit, col, self.cand_block[cand]] = True
+        tree = np.zeros((units, width, past + width), dtype=bool)
+        tree[:, :, :span] = np.repeat(sees_block, self.prefix_len, axis=2)
+        tree[unit, col, past + col] = True
+        if ancestors is not None:
+            for a in range(ancestors.shape[1]):
+                tree[unit, col, ancestors[:, a]] = True
+        logits, self.cache = self.model.forward(ids, self.cache, real, last_only=False, positions=positions,
+                                                tree_mask=tree)
+        self.calls += 1
+        return logits[unit, col], past + col
+
+    def first(self, cache: KVCache, parents: np.ndarray, cands: np.ndarray) -> tuple[np.ndarray, "TreeBranches"]:
+        everyone = np.arange(cands.size)
+        logits0, keys = self._run(cands, everyone, 0, None)
+        self.cand_key = keys
+        return logits0, TreeBranches(self.cache, self.prefix_len, self.cand_unit, self.cand_block, keys,
+                                     self.prefix_next[parents] + 1)
+
+    def start_rollouts(self, tile: np.ndarray) -> None:
+        self.row_cand = tile
+        self.row_path = self.cand_key[tile][:, None]
+
+    def step(self, tokens: np.ndarray, depth: int) -> np.ndarray:
+        logits, keys = self._run(tokens, self.row_cand, depth, self.row_path)  # type: ignore[arg-type]
+        self.row_path = np.concatenate([self.row_path, keys[:, None]], axis=1)  # type: ignore[list-item]
+        return logits
+
+    def keep(self, mask: np.ndarray) -> None:
+        self.row_cand, self.row_path = self.row_cand[mask], self.row_path[mask]  # type: ignore[index]
+
+
+def _pack_units(parents: np.ndarray, prefix_len: int, cap: int, tree_keys: Callable[[int], float]
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Group the candidates into units. Each batch row's candidates form items of at most `cap`;
+    for m = 1, 2, 4, ... prefixes per unit, items go largest first to the least loaded unit with
+    room, and the m with the least estimated work wins: every unit runs as wide as the widest, and
+    each token attends to m prefixes plus its tree. Returns each candidate's unit and prefix block,
+    and the batch row of each unit's blocks ([units, m], -1 where a block is empty)."""
+    items = []
+    for b in np.unique(parents).tolist():
+        members = np.flatnonzero(parents == b)
+        items += [(b, chunk) for chunk in np.array_split(members, -(-members.size // cap))]
+    items.sort(key=lambda it: -it[1].size)
+    best = None
+    m = 1
+    while True:
+        fill: list[list[int]] = []
+        loads: list[int] = []
+        for i, (_, chunk) in enumerate(items):
+            room = [u for u in range(len(fill)) if len(fill[u]) < m and loads[u] + chunk.size <= cap]
+            if room:
+                u = min(room, key=lambda u: loads[u])
+            else:
+                u = len(fill)
+                fill.append([])
+                loads.append(0)
+            fill[u].append(i)
+            loads[u] += chunk.size
+        width = max(loads)
+        blocks = max(len(f) for f in fill)
+        cost = len(fill) * width * (1 + (blocks * prefix_len + tree_keys(width)) / KEYS_PER_TOKEN)
+        if best is None or cost < best[0]:
+            best = (cost, fill, blocks)
+        if m >= len(items):
+            break
+        m *= 2
+    _, fill, blocks = best
+    cand_unit = np.empty(parents.size, dtype=np.int64)
+    cand_block = np.empty(parents.size, dtype=np.int64)
+    unit_parents = np.full((len(fill), blocks), -1, dtype=np.int64)
+    for u, members in enumerate(fill):
+        for slot, i in enumerate(members):
+            b, chunk = items[i]
+            cand_unit[chunk], cand_block[chunk], unit_parents[u, slot] = u, slot, b
+    return cand_unit, cand_block, unit_parents
+
+
+def _unit_cache(cache: KVCache, unit_parents: np.ndarray) -> KVCache:
+    """The units' prefix cache: each unit's blocks are its batch rows' caches side by side (empty
+    blocks masked). The cache itself, uncopied, when each batch row is one unit in order."""
+    units, blocks = unit_parents.shape
+    if blocks == 1 and units == cache.rows and np.array_equal(unit_parents[:, 0], np.arange(units)):
+        return cache
+    src = np.maximum(unit_parents, 0)
+    values = []
+    for v in cache.values:
+        a = v if isinstance(v, np.ndarray) else v.numpy()  # [rows, heads, length, head_dim]
+        g = a[src].transpose(0, 2, 1, 3, 4)  # [units, heads, blocks, length, head_dim]
+        values.append(np.ascontiguousarray(g).reshape(units, a.shape[1], blocks * a.shape[2], a.shape[3]))
+    mask = np.where(unit_parents[..., None] < 0, 0, cache.attention_mask[src]).reshape(units, -1)
+    return KVCache(values=values, attention_mask=mask, next_position=np.zeros(units, dtype=np.int64))
+
+
+def _slot_in_unit(unit: np.ndarray, units: int) -> np.ndarray:
+    """Each token's slot within its unit: 0, 1, ... in order of appearance."""
+    order = np.argsort(unit, kind="stable")
+    starts = np.searchsorted(unit[order], np.arange(units))
+    slot = np.empty(unit.size, dtype=np.int64)
+    slot[order] = np.arange(unit.size) - starts[unit[order]]
+    return slot
+
+
+class TreeBranches:
+    """The depth-0 state of each candidate of a token tree, as the cache a decoding step continues
+    from: its own prefix plus its own key column (other prefixes and candidates left out)."""
+
+    def __init__(self, cache: KVCache, prefix_len: int, cand_unit: np.ndarray, cand_block: np.ndarray,
+                 cand_key: np.ndarray, next_position: np.ndarray):
+        self.cache, self.prefix_len = cache, prefix_len
+        self.cand_unit, self.cand_block, self.cand_key, self.next_position = cand_unit, cand_block, cand_key, next_position
+
+    def select(self, candidates: Sequence[int] | np.ndarray) -> KVCache:
+        idx = np.asarray(candidates, dtype=np.int64)
+        units = self.cand_unit[idx]
+        prefix = self.cand_block[idx][:, None] * self.prefix_len + np.arange(self.prefix_len)
+        keys = np.concatenate([prefix, self.cand_key[idx][:, None]], axis=1)  # [n, prefix + 1] key columns
+        values = []
+        for v in self.cache.values:
+            a = v if isinstance(v, np.ndarray) else v.numpy()
+            values.append(np.ascontiguousarray(a[units[:, None], :, keys].transpose(0, 2, 1, 3)))
+        mask = self.cache.attention_mask[units[:, None], keys]
+        return KVCache(values=values, attention_mask=mask, next_position=self.next_position[idx])

@@ -168,7 +168,7 @@ class EpicChooser:
         next_logits = np.stack([st.winner[0] for st in states])  # type: ignore[index]
         next_cache = KVCache.concat([st.winner[1] for st in states])  # type: ignore[index]
         stats = [{"entropy_evals": st.evals, "rollouts_skipped": st.skipped, "forward_passes": st.calls,
-                  "lookahead_rows": st.rows} for st in states]
+                  "lookahead_tokens": st.rows} for st in states]
         return StepResult(chosen, next_logits, next_cache, stats)
 
     def _pruner(self, rows: Sequence[Row], states: list[_RowSearch], parents: list[int], tokens: list[int]) -> Any:
@@ -207,7 +207,10 @@ class EpicChooser:
     def _chunk_starts(self, model: CausalLM, cache: KVCache, parents: list[int]) -> list[int]:
         """Split a round's candidates into lookahead calls whose forked KV cache stays within
         `kv_budget_bytes`, cutting between batch rows where possible so that a row usually takes
-        part in one call per depth. Long prefixes mean fewer candidates per call."""
+        part in one call per depth. Long prefixes mean fewer candidates per call. A token tree
+        does not copy the prefix per candidate: one call."""
+        if model.supports_trees:
+            return [0]
         layers, heads, dim = model.spec.num_layers, model.spec.num_kv_heads, model.spec.head_dim
         itemsize = np.dtype(model.spec.kv_dtype).itemsize
         per_row = 2 * layers * 2 * heads * dim * itemsize * (cache.length + self.horizon)  # past + present
@@ -238,7 +241,7 @@ def epic_step(
 
     logits [rows, V] and cache are the model's state after each row's prefix (e.g. from
     model.prefill); rngs are the rows' random streams. Returns the chosen tokens, their stats
-    (entropy_evals, rollouts_skipped, forward_passes, lookahead_rows) and the logits/cache after those tokens.
+    (entropy_evals, rollouts_skipped, forward_passes, lookahead_tokens) and the logits/cache after those tokens.
     """
     procs = processors if processors is not None else ProcessorList()
     scores = procs(np.zeros((len(rngs), 0), dtype=np.int64), logits) if len(procs) else logits

@@ -12,8 +12,14 @@ and with exactly the inputs and outputs of the Optimum export (`text-generation-
  -> logits          float [batch_size, logits_to_keep or sequence_length, vocab]
     present.{i}.key / .value           float [batch_size, kv_heads, past + sequence_length, head_dim]
 
-plus one input of its own, `logits_to_keep` int64 [1]: the logits cover the last that many
-positions (0: all, as in Optimum's graph; the runtime asks for 1 except when it scores text).
+plus two inputs of its own:
+
+    logits_to_keep  int64 [1]: the logits cover the last that many positions (0: all, as in
+                    Optimum's graph; the runtime asks for 1 except when it scores text);
+    tree_mask       bool [batch_size or 1, sequence_length or 1, past + sequence_length or 1]:
+                    which keys each new token may see, on top of padding and causality. [1, 1, 1]
+                    True is ordinary decoding; EPIC's lookahead runs a token tree through it.
+
 `epic_ort.runtime.model.CausalLM` runs both graphs, and their KV caches are interchangeable
 (keys are stored after rotary, as in transformers).
 
@@ -21,8 +27,9 @@ Per layer (opset 23):
 
     SkipSimplifiedLayerNormalization (residual add + RMSNorm, com.microsoft; RMSNormalization for layer 0)
     MatMul [q|k|v] -> Split -> RotaryEmbedding(q), RotaryEmbedding(k)   (cos/sin tables indexed by position_ids)
-    Attention (ONNX opset 23: GQA, past/present concat, is_causal=1 with the past offset,
-               boolean padding mask [batch, 1, seq, past+seq]; a fully masked row is a zero row, never NaN)
+    Attention (ONNX opset 23: GQA, past/present concat, one boolean mask [batch, 1, seq, past+seq]
+               = padding AND causal (offset by the past length) AND tree_mask; a fully masked row is
+               a zero row, never NaN)
     MatMul o -> SkipSimplifiedLayerNormalization
     MatMul [gate|up] -> Split -> Sigmoid -> Mul -> Mul -> MatMul down
 
@@ -169,16 +176,30 @@ def build_llama_onnx(hf_model: Any, path: Path, opset: int = OPSET) -> None:
         stacked = np.concatenate([w[k] for k in names], axis=0) if len(names) > 1 else w[names[0]]
         return g.const(names[0].replace("q_proj", "qkv_proj").replace("gate_proj", "gate_up_proj"), stacked.T)
 
-    # --- shared by all layers: the padding mask and the rotary tables -------------------------
-    # Attention applies causality itself (is_causal=1, offset by the past length); the mask adds
-    # "key t is a real token". ORT wants the query axis of the mask spelled out: [B, 1, S, T].
-    mask = g.op("Cast", "mask/bool", ["attention_mask"], [[B, T]], dtype=boolean, to=boolean)
-    mask = g.op("Unsqueeze", "mask/b11t", [mask, g.const("mask/axes", [1, 2], np.int64)], [[B, 1, 1, T]],
-                dtype=boolean)
-    seq = g.op("Shape", "mask/seq", ["input_ids"], [[1]], dtype=i64, start=1, end=2)
-    one = g.const("mask/one", [1], np.int64)
-    shape = g.op("Concat", "mask/shape", [one, one, seq, one], [[4]], dtype=i64, axis=0)
-    mask = g.op("Expand", "mask/b1st", [mask, shape], [[B, 1, S, T]], dtype=boolean)
+    # --- shared by all layers: the attention mask and the rotary tables ------------------------
+    # mask[b, 0, s, t] = key t is a real token (attention_mask) AND t is not after query s
+    # (causal, offset by the past length) AND tree_mask[b, s, t]. The runtime feeds a [1, 1, 1]
+    # True tree_mask for ordinary decoding; EPIC's lookahead feeds a token tree (many candidates
+    # and rollouts as positions of one row over one shared prefix, each seeing only its ancestors).
+    Q = "sequence_length"
+    pad = g.op("Cast", "mask/pad_bool", ["attention_mask"], [[B, T]], dtype=boolean, to=boolean)
+    pad = g.op("Unsqueeze", "mask/pad", [pad, g.const("mask/axes_12", [1, 2], np.int64)], [[B, 1, 1, T]],
+               dtype=boolean)
+    zero, one = g.const("mask/zero", 0, np.int64), g.const("mask/one", 1, np.int64)
+    total = g.op("Squeeze", "mask/total", [g.op("Shape", "mask/total_1d", ["attention_mask"], [[1]], dtype=i64,
+                                                  start=1, end=2)], [[]], dtype=i64)
+    seq = g.op("Squeeze", "mask/seq", [g.op("Shape", "mask/seq_1d", ["input_ids"], [[1]], dtype=i64,
+                                              start=1, end=2)], [[]], dtype=i64)
+    keys = g.op("Range", "mask/keys", [zero, total, one], [[T]], dtype=i64)
+    queries = g.op("Range", "mask/queries", [g.op("Sub", "mask/past", [total, seq], [[]], dtype=i64), total, one],
+                   [[Q]], dtype=i64)
+    queries = g.op("Unsqueeze", "mask/queries_col", [queries, g.const("mask/axes_1", [1], np.int64)], [[Q, 1]],
+                   dtype=i64)
+    causal = g.op("LessOrEqual", "mask/causal", [keys, queries], [[Q, T]], dtype=boolean)
+    tree = g.op("Unsqueeze", "mask/tree", ["tree_mask", g.const("mask/axes_1b", [1], np.int64)],
+                [["tree_batch", 1, "tree_queries", "tree_keys"]], dtype=boolean)
+    mask = g.op("And", "mask/pad_causal", [pad, causal], [[B, 1, Q, T]], dtype=boolean)
+    mask = g.op("And", "mask/all", [mask, tree], [[B, 1, Q, T]], dtype=boolean)
     inv_freq = _inv_freq(hf_model, config, head_dim)
     angles = np.arange(max_pos, dtype=np.float64)[:, None] * inv_freq.astype(np.float64)[None, :]
     cos = g.const("rotary.cos", np.cos(angles), np.float32)  # [max_positions, head_dim / 2]
@@ -202,7 +223,7 @@ def build_llama_onnx(hf_model: Any, path: Path, opset: int = OPSET) -> None:
                     [q, k, v, mask, f"past_key_values.{i}.key", f"past_key_values.{i}.value"],
                     [[B, S, q_size], [B, kv_heads, T, head_dim], [B, kv_heads, T, head_dim]],
                     outputs=[n + "attention/out0", f"present.{i}.key", f"present.{i}.value"],
-                    q_num_heads=heads, kv_num_heads=kv_heads, is_causal=1, scale=float(head_dim) ** -0.5)[0]
+                    q_num_heads=heads, kv_num_heads=kv_heads, is_causal=0, scale=float(head_dim) ** -0.5)[0]
         o = g.op("MatMul", n + "o_proj", [attn, linear(p + "self_attn.o_proj.weight")], [bse])
         gamma = g.const(p + "post_attention_layernorm.weight", w[p + "post_attention_layernorm.weight"])
         normed, h = g.op("SkipSimplifiedLayerNormalization", n + "post_attention_norm", [o, h, gamma],
@@ -234,7 +255,7 @@ def build_llama_onnx(hf_model: Any, path: Path, opset: int = OPSET) -> None:
         return helper.make_tensor_value_info(name, elem, dims)
 
     inputs = [io("input_ids", i64, [B, S]), io("attention_mask", i64, [B, T]), io("position_ids", i64, [B, S]),
-              io("logits_to_keep", i64, [1])]
+              io("logits_to_keep", i64, [1]), io("tree_mask", boolean, ["tree_batch", "tree_queries", "tree_keys"])]
     for i in range(layers):
         for kind in ("key", "value"):
             inputs.append(io(f"past_key_values.{i}.{kind}", f32, [B, kv_heads, P, head_dim]))

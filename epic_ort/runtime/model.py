@@ -34,6 +34,7 @@ class GraphSpec:
     present_names: tuple[str, ...]
     logits: str
     logits_to_keep: str | None  # lean graphs only: how many trailing positions get logits (0: all)
+    tree_mask: str | None  # lean graphs only: which keys each new token sees (token trees for EPIC)
     num_layers: int
     num_kv_heads: int
     head_dim: int
@@ -66,6 +67,7 @@ class GraphSpec:
             present_names=present,
             logits="logits",
             logits_to_keep="logits_to_keep" if "logits_to_keep" in inputs else None,
+            tree_mask="tree_mask" if "tree_mask" in inputs else None,
             num_layers=len(past) // 2,
             num_kv_heads=heads,
             head_dim=head_dim,
@@ -236,11 +238,15 @@ class CausalLM:
         cache: KVCache,
         input_mask: np.ndarray | None = None,
         last_only: bool = True,
+        positions: np.ndarray | None = None,
+        tree_mask: np.ndarray | None = None,
     ) -> tuple[np.ndarray, KVCache]:
         """Run new tokens [rows, T] on top of `cache`; return logits and the extended cache.
 
-        `input_mask` marks left padding in a prefill. Position ids follow transformers'
-        generate(): cumulative count of real tokens minus one, padding set to 1.
+        `input_mask` marks left padding in a prefill (and unused slots of a token tree). Position
+        ids follow transformers' generate(): cumulative count of real tokens minus one, padding set
+        to 1, unless `positions` [rows, T] gives them. `tree_mask` [rows, T, length + T] (bool)
+        restricts which keys each new token sees (graphs with `supports_trees` only).
         Logits are float32 [rows, V] (last position) or [rows, T, V] with last_only=False.
         """
         import onnxruntime as ort
@@ -251,8 +257,12 @@ class CausalLM:
             input_mask = np.ones((rows, t), dtype=np.int64)
         input_mask = np.asarray(input_mask, dtype=np.int64)
         mask = np.concatenate([cache.attention_mask, input_mask], axis=1)
-        positions = cache.next_position[:, None] + np.cumsum(input_mask, axis=1) - 1
-        positions = np.where(input_mask == 0, 1, positions).astype(np.int64)
+        if positions is None:
+            positions = cache.next_position[:, None] + np.cumsum(input_mask, axis=1) - 1
+            positions = np.where(input_mask == 0, 1, positions)
+        positions = positions.astype(np.int64)
+        if tree_mask is not None and not self.spec.tree_mask:
+            raise ValueError("this graph takes no tree_mask (export with --graph lean)")
 
         binding = self.session.io_binding()
         binding.bind_cpu_input(self.spec.input_ids, input_ids)
@@ -260,6 +270,9 @@ class CausalLM:
             binding.bind_cpu_input(self.spec.attention_mask, np.ascontiguousarray(mask))
         if self.spec.position_ids:
             binding.bind_cpu_input(self.spec.position_ids, np.ascontiguousarray(positions))
+        if self.spec.tree_mask:
+            tree = _NO_TREE if tree_mask is None else np.ascontiguousarray(tree_mask, dtype=bool)
+            binding.bind_cpu_input(self.spec.tree_mask, tree)
         if self.spec.logits_to_keep:
             binding.bind_cpu_input(self.spec.logits_to_keep, np.array([1 if last_only else 0], dtype=np.int64))
         for name, value in zip(self.spec.past_names, cache.values):
@@ -271,7 +284,7 @@ class CausalLM:
         for name in self.spec.present_names:
             binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
-        self.calls.add(rows)
+        self.calls.add(rows, rows * t)
         outputs = binding.get_outputs()
         logits = outputs[0].numpy()
         if last_only:
@@ -285,6 +298,12 @@ class CausalLM:
             next_position=cache.next_position + input_mask.sum(axis=1),
         )
         return logits, new_cache
+
+    @property
+    def supports_trees(self) -> bool:
+        """The graph takes a token tree in one row (`tree_mask`): EPIC's lookahead then shares the
+        prefix cache between all candidates instead of copying it to each."""
+        return self.spec.tree_mask is not None
 
     def prefill(self, token_rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, KVCache]:
         """Left-pad the rows to one length and run them at once; logits of each row's last token."""
@@ -316,6 +335,9 @@ class CausalLM:
             bos_token="",
             eos_token="",
         )
+
+
+_NO_TREE = np.ones((1, 1, 1), dtype=bool)  # broadcast: padding and causality alone
 
 
 def check_finite(logits: np.ndarray) -> None:
@@ -372,17 +394,20 @@ def _load_tokenizer(model_dir: Path) -> Any:
 
 
 class _CallCounter:
-    """Counts ORT calls and rows run: EPIC reports forward passes and lookahead rows per token."""
+    """Counts ORT calls, rows and positions (rows x new tokens, padding included: what the weights
+    were applied to). EPIC reports forward passes and lookahead work per token from them."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.calls = 0
         self.rows = 0
+        self.positions = 0
 
-    def add(self, rows: int) -> None:
+    def add(self, rows: int, positions: int) -> None:
         with self._lock:
             self.calls += 1
             self.rows += rows
+            self.positions += positions
 
 
 def load(model_dir: str | os.PathLike, provider: str = "auto", threads: int | None = None) -> CausalLM:

@@ -41,6 +41,8 @@ def trt_profile_shapes(
             return f"{name}:{batch}x{num_kv_heads}x{past}x{head_dim}"
         if name == "attention_mask":
             return f"{name}:{batch}x{past + seq}"
+        if name == "tree_mask":
+            return f"{name}:{batch}x{seq}x{past + seq}"
         return f"{name}:{batch}x{seq}"
 
     static = {"logits_to_keep"}  # shape [1]: TensorRT wants profiles for dynamic inputs only
