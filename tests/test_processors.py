@@ -511,9 +511,11 @@ def test_softmax_helpers_are_stable():
     assert (p[1] == 0).all()
 
 
-def test_entropy_and_probs_match_the_float64_helpers():
-    """The lookahead's fused float32 pass agrees with entropy() and softmax() in float64."""
-    from epic_ort.sampling.processors import entropy_and_probs, softmax
+def test_entropy_and_draws_match_the_float64_helpers():
+    """The lookahead's fused float32 pass: entropies agree with entropy() in float64, and its draws
+    with inverse_cdf(softmax()) for the same uniforms (up to the rare u on a rounding boundary)."""
+    from epic_ort.sampling.processors import entropy_and_draws, softmax
+    from epic_ort.sampling.sample import inverse_cdf
 
     rng = np.random.default_rng(3)
     x = rng.normal(0, 4, (6, 5000)).astype(np.float32)
@@ -522,9 +524,19 @@ def test_entropy_and_probs_match_the_float64_helpers():
     x[2, 7] = 1.0  # one finite entry: entropy exactly 0
     x[3] *= 1e4  # nearly one-hot, huge logits
     x[4] = 0.0  # uniform: log(5000)
-    h, p = entropy_and_probs(x)
+    u = rng.random((6, 400))
+    u[:, 0] = 0.0
+    u[:, 1] = np.nextafter(1.0, 0.0)  # the top end
+    h, draws = entropy_and_draws(x, u)
     np.testing.assert_allclose(h, entropy(x.astype(np.float64)), atol=1e-5)
-    np.testing.assert_allclose(p, softmax(x.astype(np.float64)), atol=1e-7)
-    assert h[2] == 0.0 and abs(h[4] - np.log(5000)) < 1e-5
-    assert np.isfinite(h).all() and np.isfinite(p).all() and p.dtype == np.float64
-    assert entropy_and_probs(x, with_probs=False)[1] is None
+    assert h[2] == 0.0 and abs(h[4] - np.log(5000)) < 1e-5 and np.isfinite(h).all()
+    p = softmax(x.astype(np.float64))
+    ref = np.stack([inverse_cdf(np.repeat(p[i : i + 1], 400, axis=0), u[i]) for i in range(6)])
+    assert (draws == ref).mean() > 0.995
+    assert (p[np.arange(6)[:, None], draws] > 0).all()  # banned tokens never drawn
+    assert (draws[1] >= 4000).all() and (draws[2] == 7).all()
+    # the draws follow the distribution: chi-square over the uniform row's 10 deciles of tokens
+    big = entropy_and_draws(x[4:5], rng.random((1, 20000)))[1][0]
+    counts = np.bincount(big // 500, minlength=10)
+    assert ((counts - 2000) ** 2 / 2000).sum() < 27.9  # chi2(9) 0.999 quantile
+    assert entropy_and_draws(x)[1] is None

@@ -31,8 +31,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..runtime.model import CausalLM, KVCache
-from ..sampling.processors import ProcessorList, entropy_and_probs
-from ..sampling.sample import inverse_cdf
+from ..sampling.processors import ProcessorList, entropy_and_draws
 
 
 @dataclass
@@ -42,7 +41,7 @@ class Lookahead:
     complete: np.ndarray  # [n] bool: Ĥ is the full estimate
     lower: np.ndarray  # [n] the terms of Ĥ computed (all of Ĥ where complete): a lower bound on Ĥ
     terms: np.ndarray  # [n] how many of the k terms `lower` holds
-    candidate_rows: np.ndarray  # [n] model rows each candidate took
+    candidate_tokens: np.ndarray  # [n] tokens each candidate ran through the model (itself and its rollouts)
     first_logits: np.ndarray  # [n, V] raw logits of q(. | x, y)
     first_cache: KVCache | TreeBranches  # .select(candidates): the cache after the prefix plus y
     calls: int  # ORT calls made
@@ -83,11 +82,11 @@ def lookahead_entropy(
     alive0 = ~np.isin(cands, eos)
     room = model.max_positions - int(cache.next_position[parents].max() + 1)
     depth = min(horizon, room + 1)
-    h0, probs0 = entropy_and_probs(scores0, with_probs=depth > 1)
+    h0, draws0 = entropy_and_draws(scores0, uniforms[:, :, 0] if depth > 1 else None)  # draws0 [n, R]
     h0 = np.where(alive0, h0, 0.0)
     lower = h0.copy()
     terms = np.ones(n, dtype=np.int64)
-    cand_rows = np.ones(n, dtype=np.int64)
+    cand_tokens = np.ones(n, dtype=np.int64)
 
     active = np.arange(n)
     if depth > 1 and keep is not None:
@@ -96,20 +95,21 @@ def lookahead_entropy(
         rollouts = uniforms.shape[1]
         tile = np.repeat(active, rollouts)
         rows.start_rollouts(tile)
-        probs = probs0[tile]
+        z = draws0[active].reshape(-1)
         alive = alive0[tile]
         acc = np.zeros(tile.size, dtype=np.float64)
         u = uniforms[active].reshape(tile.size, -1)
         for j in range(1, depth):
-            z = inverse_cdf(probs, u[:, j - 1])
             alive &= ~np.isin(z, eos)
             logits_j = rows.step(z, j)
-            cand_rows[active] += rollouts
+            cand_tokens[active] += rollouts
             scores_j = procs(np.zeros((tile.size, 0), dtype=np.int64), logits_j) if procs else logits_j
-            h_j, probs = entropy_and_probs(scores_j, with_probs=j + 1 < depth)
+            h_j, draws = entropy_and_draws(scores_j, u[:, j] if j + 1 < depth else None)
             acc += np.where(alive, h_j, 0.0)
             lower[active] = h0[active] + acc.reshape(active.size, rollouts).mean(axis=1)
             terms[active] = j + 1
+            if j + 1 < depth:
+                z = draws[:, 0]  # type: ignore[index]
             if j + 1 < depth and keep is not None:
                 go = np.asarray(keep(active, lower[active], j + 1), dtype=bool)
                 if not go.all():
@@ -118,10 +118,10 @@ def lookahead_entropy(
                     if not active.size:
                         break
                     rows.keep(rows_go)
-                    probs, alive, acc, u = probs[rows_go], alive[rows_go], acc[rows_go], u[rows_go]
+                    z, alive, acc, u = z[rows_go], alive[rows_go], acc[rows_go], u[rows_go]
     complete = terms >= depth
     h = np.where(complete, lower, np.nan)
-    return Lookahead(h, h0, complete, lower, terms, cand_rows, logits0, first_cache, rows.calls)
+    return Lookahead(h, h0, complete, lower, terms, cand_tokens, logits0, first_cache, rows.calls)
 
 
 MAX_UNIT_TOKENS = 256  # tree tokens of one unit in one call (rotary tables also cap it at max_positions)

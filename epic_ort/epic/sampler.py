@@ -132,7 +132,7 @@ class EpicChooser:
             lower = np.concatenate([res.lower for res in results])
             terms = np.concatenate([res.terms for res in results])
             done = np.concatenate([res.complete for res in results])
-            row_cost = np.concatenate([res.candidate_rows for res in results])
+            row_cost = np.concatenate([res.candidate_tokens for res in results])
             log_v = math.log(vocab)
             for i, cands, slots in per_row:
                 st = states[i]

@@ -120,24 +120,38 @@ def entropy(scores: np.ndarray) -> np.ndarray:
     return -np.sum(terms, axis=-1)
 
 
-def entropy_and_probs(scores: np.ndarray, with_probs: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-    """`entropy(scores)` and the softmax (float64, for inverse-CDF draws) from one exp pass in float32.
+def entropy_and_draws(scores: np.ndarray, uniforms: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """`entropy(scores)` per row and, for each row's uniforms [rows, m], m inverse-CDF draws from
+    softmax(scores) (as `sample.inverse_cdf`: the first token whose cumulative mass exceeds u).
 
-    EPIC's lookahead needs both for every rollout row at every depth; computing them separately
-    costs three float64 exps over the vocabulary per row. H = log Z − Σ e·s / Z with s = x − max,
-    e = exp(s), Z = Σ e; float32 with pairwise sums keeps H within ~1e-6 nats of the float64 value.
-    Banned (`-inf`) entries get e = 0 and contribute 0.
+    EPIC's lookahead needs both for every rollout row at every depth, and its rollout uniforms are
+    fixed in advance, so one float32 exp pass serves both and the softmax is never materialized:
+    H = log Z − Σ e·s / Z with s = x − max, e = exp(s), Z = Σ e, and the draws search the float64
+    running sum of e for u·Z. A candidate's R rollouts share one running sum. Float32 with pairwise
+    sums keeps H within ~1e-6 nats of the float64 value. Banned (`-inf`) entries get e = 0: they
+    contribute 0 and are never drawn.
     """
     x = np.asarray(scores, dtype=np.float32)
     m = np.max(x, axis=-1, keepdims=True)
     m = np.where(np.isfinite(m), m, np.float32(0.0))
     s = np.maximum(x - m, np.float32(-200.0))  # exp(-200) is 0 in float32, and 0 * -200 is 0, not NaN
     e = np.exp(s)
-    z = np.sum(e, axis=-1, keepdims=True, dtype=np.float64)
+    z = np.sum(e, axis=-1, dtype=np.float64)
     z = np.where(z > 0, z, 1.0)
-    h = np.log(z[..., 0]) - np.einsum("...v,...v->...", e, s, dtype=np.float64) / z[..., 0]
-    probs = e.astype(np.float64) / z if with_probs else None
-    return np.maximum(h, 0.0), probs
+    h = np.maximum(np.log(z) - np.einsum("...v,...v->...", e, s, dtype=np.float64) / z, 0.0)
+    if uniforms is None:
+        return h, None
+    u = np.asarray(uniforms, dtype=np.float64).reshape(len(x), -1)
+    cdf = np.cumsum(e, axis=-1, dtype=np.float64)
+    draws = np.empty(u.shape, dtype=np.int64)
+    for i in range(len(x)):
+        draws[i] = np.searchsorted(cdf[i], u[i] * cdf[i, -1], side="right")
+    draws = np.minimum(draws, x.shape[-1] - 1)
+    rows = np.repeat(np.arange(len(x)), u.shape[1]).reshape(u.shape)
+    bad = e[rows, draws] == 0  # rounding at the top end: never a zero-probability token
+    if bad.any():
+        draws[bad] = np.argmax(e, axis=-1)[rows[bad]]
+    return h, draws
 
 
 # ---------------------------------------------------------------------------------------------
