@@ -142,16 +142,38 @@ def entropy_and_draws(scores: np.ndarray, uniforms: np.ndarray | None = None) ->
     if uniforms is None:
         return h, None
     u = np.asarray(uniforms, dtype=np.float64).reshape(len(x), -1)
-    cdf = np.cumsum(e, axis=-1, dtype=np.float64)
-    draws = np.empty(u.shape, dtype=np.int64)
-    for i in range(len(x)):
-        draws[i] = np.searchsorted(cdf[i], u[i] * cdf[i, -1], side="right")
-    draws = np.minimum(draws, x.shape[-1] - 1)
+    draws = _search_mass(e, u)
     rows = np.repeat(np.arange(len(x)), u.shape[1]).reshape(u.shape)
     bad = e[rows, draws] == 0  # rounding at the top end: never a zero-probability token
     if bad.any():
         draws[bad] = np.argmax(e, axis=-1)[rows[bad]]
     return h, draws
+
+
+_BLOCK = 1024
+
+
+def _search_mass(e: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """For each row of weights e [rows, V] and each u in u[row]: the first index whose float64
+    running sum exceeds u · (total), i.e. searchsorted(cumsum(e), u·total, side="right").
+
+    The running sum is taken over blocks of _BLOCK first, then within the one block each draw lands
+    in, so the full [rows, V] float64 cumsum (the largest pass of the lookahead) is never built."""
+    rows, vocab = e.shape
+    nblocks = -(-vocab // _BLOCK)
+    if nblocks * _BLOCK != vocab:
+        e = np.concatenate([e, np.zeros((rows, nblocks * _BLOCK - vocab), dtype=e.dtype)], axis=1)
+    block_sums = e.reshape(rows, nblocks, _BLOCK).sum(axis=-1, dtype=np.float64)
+    block_cdf = np.cumsum(block_sums, axis=-1)
+    draws = np.empty(u.shape, dtype=np.int64)
+    for i in range(rows):
+        targets = u[i] * block_cdf[i, -1]
+        blocks = np.minimum(np.searchsorted(block_cdf[i], targets, side="right"), nblocks - 1)
+        for j, (b, t) in enumerate(zip(blocks.tolist(), targets.tolist())):
+            start = block_cdf[i, b - 1] if b > 0 else 0.0
+            inner = start + np.cumsum(e[i, b * _BLOCK : (b + 1) * _BLOCK], dtype=np.float64)
+            draws[i, j] = b * _BLOCK + int(np.searchsorted(inner, t, side="right"))
+    return np.minimum(draws, vocab - 1)
 
 
 # ---------------------------------------------------------------------------------------------
