@@ -540,3 +540,17 @@ def test_entropy_and_draws_match_the_float64_helpers():
     counts = np.bincount(big // 500, minlength=10)
     assert ((counts - 2000) ** 2 / 2000).sum() < 27.9  # chi2(9) 0.999 quantile
     assert entropy_and_draws(x)[1] is None
+
+
+def test_entropy_and_draws_in_row_chunks_is_the_same(monkeypatch):
+    from epic_ort.sampling import processors
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(0, 3, (7, 3000)).astype(np.float32)
+    u = rng.random((7, 3))
+    whole = processors.entropy_and_draws(x, u)
+    monkeypatch.setattr(processors, "_ROWS_PER_PASS", 2)
+    parts = processors.entropy_and_draws(x, u)
+    np.testing.assert_array_equal(whole[0], parts[0])
+    np.testing.assert_array_equal(whole[1], parts[1])
+    np.testing.assert_array_equal(whole[0], processors.entropy_and_draws(x)[0])

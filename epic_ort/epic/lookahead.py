@@ -202,8 +202,7 @@ class _TreeRows:
         everyone = np.arange(cands.size)
         logits0, keys = self._run(cands, everyone, 0, None)
         self.cand_key = keys
-        return logits0, TreeBranches(self.cache, self.prefix_len, self.cand_unit, self.cand_block, keys,
-                                     self.prefix_next[parents] + 1)
+        return logits0, TreeBranches(cache, parents, self.cache, self.cand_unit, keys)
 
     def start_rollouts(self, tile: np.ndarray) -> None:
         self.row_cand = tile
@@ -291,21 +290,57 @@ def _slot_in_unit(unit: np.ndarray, units: int) -> np.ndarray:
 
 class TreeBranches:
     """The depth-0 state of each candidate of a token tree, as the cache a decoding step continues
-    from: its own prefix plus its own key column (other prefixes and candidates left out)."""
+    from: its batch row's prefix cache plus its own key/value column. Only the candidates' columns
+    are kept from the tree (the tree's cache is freed after the next depth); the prefix is the
+    decoding cache, which lives on anyway."""
 
-    def __init__(self, cache: KVCache, prefix_len: int, cand_unit: np.ndarray, cand_block: np.ndarray,
-                 cand_key: np.ndarray, next_position: np.ndarray):
-        self.cache, self.prefix_len = cache, prefix_len
-        self.cand_unit, self.cand_block, self.cand_key, self.next_position = cand_unit, cand_block, cand_key, next_position
+    def __init__(self, prefix: KVCache, parents: np.ndarray, tree: KVCache, cand_unit: np.ndarray,
+                 cand_key: np.ndarray):
+        self.prefix, self.parents = prefix, parents
+        self.columns = []  # per cache tensor: [candidates, heads, 1, head_dim]
+        for v in tree.values:
+            a = v if isinstance(v, np.ndarray) else v.numpy()
+            self.columns.append(a[cand_unit, :, cand_key][:, :, None, :])
 
     def select(self, candidates: Sequence[int] | np.ndarray) -> KVCache:
         idx = np.asarray(candidates, dtype=np.int64)
-        units = self.cand_unit[idx]
-        prefix = self.cand_block[idx][:, None] * self.prefix_len + np.arange(self.prefix_len)
-        keys = np.concatenate([prefix, self.cand_key[idx][:, None]], axis=1)  # [n, prefix + 1] key columns
-        values = []
-        for v in self.cache.values:
-            a = v if isinstance(v, np.ndarray) else v.numpy()
-            values.append(np.ascontiguousarray(a[units[:, None], :, keys].transpose(0, 2, 1, 3)))
-        mask = self.cache.attention_mask[units[:, None], keys]
-        return KVCache(values=values, attention_mask=mask, next_position=self.next_position[idx])
+        rows = self.prefix.select(self.parents[idx])
+        values = [np.concatenate([v if isinstance(v, np.ndarray) else v.numpy(), col[idx]], axis=2)
+                  for v, col in zip(rows.values, self.columns)]
+        mask = np.concatenate([rows.attention_mask, np.ones((idx.size, 1), dtype=np.int64)], axis=1)
+        return KVCache(values=values, attention_mask=mask, next_position=rows.next_position + 1)
+
+
+Branch = tuple[KVCache | TreeBranches, int]
+
+
+def branch(first_cache: KVCache | TreeBranches, k: int) -> Branch:
+    """Candidate k's depth-0 state, kept across lookahead rounds: a forked row is cut out right
+    away (so the round's forked caches can be freed); a tree branch is only a reference (the
+    tree keeps just its candidates' columns)."""
+    if isinstance(first_cache, TreeBranches):
+        return first_cache, k
+    return first_cache.select([k]), 0
+
+
+def merge_branches(branches: Sequence[Branch]) -> KVCache:
+    """The decoding cache that continues from the chosen candidates, one row each, in order.
+    Tree branches are written straight into one new cache (prefix row + column), without the
+    per-row copies and the concatenation that would hold the cache several times over."""
+    if not all(isinstance(b, TreeBranches) for b, _ in branches):
+        return KVCache.concat([b.select([k]) for b, k in branches])
+    prefix = branches[0][0].prefix  # type: ignore[union-attr]
+    if any(b.prefix is not prefix for b, _ in branches):  # type: ignore[union-attr]
+        return KVCache.concat([b.select([k]) for b, k in branches])
+    rows = np.array([b.parents[k] for b, k in branches], dtype=np.int64)  # type: ignore[union-attr]
+    length = prefix.length
+    values = []
+    for t, v in enumerate(prefix.values):
+        a = v if isinstance(v, np.ndarray) else v.numpy()
+        out = np.empty((rows.size, a.shape[1], length + 1, a.shape[3]), dtype=a.dtype)
+        for r, (b, k) in enumerate(branches):
+            out[r, :, :length] = a[rows[r]]
+            out[r, :, length] = b.columns[t][k, :, 0]  # type: ignore[union-attr]
+        values.append(out)
+    mask = np.concatenate([prefix.attention_mask[rows], np.ones((rows.size, 1), dtype=np.int64)], axis=1)
+    return KVCache(values=values, attention_mask=mask, next_position=prefix.next_position[rows] + 1)

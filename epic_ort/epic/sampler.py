@@ -35,7 +35,7 @@ from ..runtime.model import CausalLM, KVCache
 from ..sampling.processors import ProcessorList, log_softmax
 from ..sampling.sample import gumbel
 from .lazy import LazySearch
-from .lookahead import lookahead_entropy
+from .lookahead import Branch, branch, lookahead_entropy, merge_branches
 
 
 @dataclass
@@ -43,7 +43,7 @@ class _RowSearch:
     search: LazySearch
     seed: int
     group: Any
-    winner: tuple[np.ndarray, KVCache, float] | None = None  # the best's depth-0 logits, cache row, h0
+    winner: tuple[np.ndarray, Branch, float] | None = None  # the best's depth-0 logits, cache, h0
     evals: int = 0
     skipped: int = 0  # candidates whose rollouts stopped early (Ĥ not computed in full)
     calls: int = 0
@@ -151,7 +151,7 @@ class EpicChooser:
                     c = bisect_right(starts, j) - 1
                     res, k = results[c], j - starts[c]
                     # keep only the best's row: the round's forked caches are freed before the next round
-                    st.winner = (res.first_logits[k].copy(), res.first_cache.select([k]), float(res.first_entropy[k]))
+                    st.winner = (res.first_logits[k].copy(), branch(res.first_cache, k), float(res.first_entropy[k]))
             del results
 
         chosen = np.array([st.search.best_token for st in states], dtype=np.int64)
@@ -166,7 +166,7 @@ class EpicChooser:
                 rest = h_win - st.winner[2]  # type: ignore[index]
                 self._rest_recent[key] = 0.5 * self._rest_recent.get(key, rest) + 0.5 * rest
         next_logits = np.stack([st.winner[0] for st in states])  # type: ignore[index]
-        next_cache = KVCache.concat([st.winner[1] for st in states])  # type: ignore[index]
+        next_cache = merge_branches([st.winner[1] for st in states])  # type: ignore[index]
         stats = [{"entropy_evals": st.evals, "rollouts_skipped": st.skipped, "forward_passes": st.calls,
                   "lookahead_tokens": st.rows} for st in states]
         return StepResult(chosen, next_logits, next_cache, stats)

@@ -131,10 +131,18 @@ def entropy_and_draws(scores: np.ndarray, uniforms: np.ndarray | None = None) ->
     sums keeps H within ~1e-6 nats of the float64 value. Banned (`-inf`) entries get e = 0: they
     contribute 0 and are never drawn.
     """
-    x = np.asarray(scores, dtype=np.float32)
+    x = np.asarray(scores)
+    if len(x) > _ROWS_PER_PASS:  # bound the float32 temporaries: a wide token tree has ~1,000 rows
+        cut = range(0, len(x), _ROWS_PER_PASS)
+        parts = [entropy_and_draws(x[i : i + _ROWS_PER_PASS],
+                                   None if uniforms is None else uniforms[i : i + _ROWS_PER_PASS]) for i in cut]
+        h = np.concatenate([p[0] for p in parts])
+        return h, None if uniforms is None else np.concatenate([p[1] for p in parts])  # type: ignore[misc]
+    x = np.asarray(x, dtype=np.float32)
     m = np.max(x, axis=-1, keepdims=True)
     m = np.where(np.isfinite(m), m, np.float32(0.0))
-    s = np.maximum(x - m, np.float32(-200.0))  # exp(-200) is 0 in float32, and 0 * -200 is 0, not NaN
+    s = np.subtract(x, m)
+    np.maximum(s, np.float32(-200.0), out=s)  # exp(-200) is 0 in float32, and 0 * -200 is 0, not NaN
     e = np.exp(s)
     z = np.sum(e, axis=-1, dtype=np.float64)
     z = np.where(z > 0, z, 1.0)
@@ -151,6 +159,7 @@ def entropy_and_draws(scores: np.ndarray, uniforms: np.ndarray | None = None) ->
 
 
 _BLOCK = 1024
+_ROWS_PER_PASS = 64
 
 
 def _search_mass(e: np.ndarray, u: np.ndarray) -> np.ndarray:
