@@ -10,7 +10,7 @@ whose bound still beats the row's best score), all blocks run through one lookah
 and rows update their best. Usually one round suffices, so a token costs about k forward passes,
 and the winner's depth-0 logits and cache become the next step's, so no extra decoding call.
 
-Within the first round, depth 0 (one row per candidate) gives Ĥ's first term h0 exactly, which
+Within the first round, depth 0 (one token per candidate) gives Ĥ's first term h0 exactly, which
 tightens each bound by a·h0, and each further depth tightens it by its term. Before each depth,
 candidates whose tightened bound falls well below the best score this round is expected to reach
 (each candidate's bound − a·(terms so far + the sample's recent entropy in the remaining terms))
@@ -150,7 +150,7 @@ class EpicChooser:
                     j = slots[int(hit[0])]
                     c = bisect_right(starts, j) - 1
                     res, k = results[c], j - starts[c]
-                    # keep only the best's row: the round's forked caches are freed before the next round
+                    # keep only the best's state: the round's caches are freed before the next round
                     st.winner = (res.first_logits[k].copy(), branch(res.first_cache, k), float(res.first_entropy[k]))
             del results
 
