@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import numpy as np
 
 from .errors import InvalidRequestError
-from .runtime.model import CausalLM, KVCache
+from .runtime.model import CausalLM, KVBuffers, KVCache
 from .sampling.processors import ProcessorList, build_processors
 from .sampling.sample import greedy, sample_categorical, sample_rng
 
@@ -234,6 +234,7 @@ def _decode_batch(
     holdback = max((len(s) for s in config.stop), default=0)
     stream = _StreamState()
     need_text = bool(config.stop) or on_token is not None
+    buffers: KVBuffers | None = None  # plain decoding writes each step's cache into these
     while active:
         act_rows = [rows[i] for i in active]
         if len(processors):
@@ -282,7 +283,10 @@ def _decode_batch(
         else:
             if len(keep) < len(act_rows):
                 cache = cache.select(keep)
-            logits, cache = model.step(tokens[keep], cache)
+            if buffers is None and model.device == "cpu":
+                longest = max(len(r.prompt_ids) for r in rows) + config.max_new_tokens
+                buffers = KVBuffers(model, len(rows), min(longest, model.max_positions))
+            logits, cache = model.step(tokens[keep], cache, present_buffers=buffers.next() if buffers else None)
         active = [active[j] for j in keep]
 
 

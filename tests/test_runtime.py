@@ -68,3 +68,48 @@ def test_manifest_records_graph_facts(tiny):
     from epic_ort.fileio import sha256_file
 
     assert m.model_sha256 == sha256_file(onnx_dir / "model.onnx")
+
+
+def test_present_buffers_hold_the_new_cache(tiny):
+    """A step written into preallocated buffers gives the cache ORT would have allocated, as views
+    of those buffers, alternating between the two sets; a buffer too small is not used."""
+    from epic_ort.runtime.model import KVBuffers
+
+    _, _, onnx_dir = tiny
+    model = epic_ort.load(onnx_dir, provider="cpu")
+    logits, cache = model.prefill([[1, 5, 6, 7], [1, 8]])
+    buffers = KVBuffers(model, rows=2, max_length=8)
+    tokens = np.array([9, 10])
+    ref_logits, ref = model.step(tokens, cache)
+    first = buffers.next()
+    got_logits, got = model.step(tokens, cache, present_buffers=first)
+    np.testing.assert_array_equal(got_logits, ref_logits)
+    for v, r, buf in zip(got.values, ref.values, first):
+        assert np.shares_memory(v, buf)
+        np.testing.assert_array_equal(v, r.numpy())
+    second = buffers.next()
+    assert not any(np.shares_memory(a, b) for a, b in zip(first, second))
+    l2, c2 = model.step(tokens, got, present_buffers=second)
+    r2, _ = model.step(tokens, ref)
+    np.testing.assert_allclose(l2, r2, atol=1e-6)
+    assert all(np.shares_memory(v, buf) for v, buf in zip(c2.values, second))
+    small = KVBuffers(model, rows=2, max_length=3).next()  # the new cache needs 5 positions
+    _, c3 = model.step(tokens, cache, present_buffers=small)
+    assert not any(isinstance(v, np.ndarray) and np.shares_memory(v, b) for v, b in zip(c3.values, small))
+
+
+def test_plain_generation_with_buffers_equals_without(tiny_llama, monkeypatch):
+    """The decode loop's buffers change where the cache lives, never the tokens (rows finishing
+    at different steps included)."""
+    cfg = epic_ort.GenerationConfig(max_new_tokens=30, seed=3, top_k=0, top_p=1.0)
+    prompts = ["the cat", "a dog ran far", "x"]
+
+    def run():
+        return sorted((s.prompt_index, s.sample_index, s.token_ids, s.finish_reason)
+                      for s in epic_ort.generate(tiny_llama, prompts, cfg, num_samples=2, batch_size=6))
+
+    with_buffers = run()
+    step = type(tiny_llama).step
+    monkeypatch.setattr(type(tiny_llama), "step", lambda self, t, c, present_buffers=None: step(self, t, c))
+    assert run() == with_buffers
+    assert len({r[3] for r in with_buffers}) >= 1 and len({len(r[2]) for r in with_buffers}) > 1

@@ -240,6 +240,7 @@ class CausalLM:
         last_only: bool = True,
         positions: np.ndarray | None = None,
         tree_mask: np.ndarray | None = None,
+        present_buffers: Sequence[np.ndarray] | None = None,
     ) -> tuple[np.ndarray, KVCache]:
         """Run new tokens [rows, T] on top of `cache`; return logits and the extended cache.
 
@@ -247,6 +248,8 @@ class CausalLM:
         ids follow transformers' generate(): cumulative count of real tokens minus one, padding set
         to 1, unless `positions` [rows, T] gives them. `tree_mask` [rows, T, length + T] (bool)
         restricts which keys each new token sees (graphs with `supports_trees` only).
+        `present_buffers` (flat arrays, one per cache tensor, from `KVBuffers`): ORT writes the new
+        cache into them instead of allocating it (CPU only; a buffer too small is ignored).
         Logits are float32 [rows, V] (last position) or [rows, T, V] with last_only=False.
         """
         import onnxruntime as ort
@@ -281,8 +284,18 @@ class CausalLM:
             else:
                 binding.bind_ortvalue_input(name, value)
         binding.bind_output(self.spec.logits, "cpu")
-        for name in self.spec.present_names:
-            binding.bind_output(name, self.device)
+        shape = (rows, self.spec.num_kv_heads, cache.length + t, self.spec.head_dim)
+        size = int(np.prod(shape))
+        views: list[np.ndarray | None] = []
+        for i, name in enumerate(self.spec.present_names):
+            buf = present_buffers[i] if present_buffers is not None and self.device == "cpu" else None
+            if buf is not None and buf.size >= size:
+                view = buf[:size].reshape(shape)
+                binding.bind_output(name, "cpu", 0, view.dtype, list(shape), view.ctypes.data)
+                views.append(view)
+            else:
+                binding.bind_output(name, self.device)
+                views.append(None)
         self.session.run_with_iobinding(binding)
         self.calls.add(rows, rows * t)
         outputs = binding.get_outputs()
@@ -293,7 +306,7 @@ class CausalLM:
             logits = logits.astype(np.float32)
         check_finite(logits)
         new_cache = KVCache(
-            values=list(outputs[1:]),
+            values=[v if v is not None else o for v, o in zip(views, outputs[1:])],
             attention_mask=mask,
             next_position=cache.next_position + input_mask.sum(axis=1),
         )
@@ -310,9 +323,10 @@ class CausalLM:
         ids, mask = left_pad(token_rows, pad_id=self.manifest.pad_token_id or 0)
         return self.forward(ids, self.empty_cache(len(token_rows)), mask)
 
-    def step(self, tokens: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
+    def step(self, tokens: np.ndarray, cache: KVCache, present_buffers: Sequence[np.ndarray] | None = None
+             ) -> tuple[np.ndarray, KVCache]:
         """One decoding step: one new token per row."""
-        return self.forward(np.asarray(tokens, dtype=np.int64).reshape(-1, 1), cache)
+        return self.forward(np.asarray(tokens, dtype=np.int64).reshape(-1, 1), cache, present_buffers=present_buffers)
 
     # -- text ---------------------------------------------------------------------------
 
@@ -335,6 +349,27 @@ class CausalLM:
             bos_token="",
             eos_token="",
         )
+
+
+class KVBuffers:
+    """Two preallocated sets of cache tensors, used in turn as the destination of each decoding
+    step's new cache (the previous step's cache, its input, lives in the other set).
+
+    ORT would otherwise allocate every step's present cache from its arena, which keeps the
+    high-water mark of tensors that grow by one position per step: at 8 rows x 640 positions of
+    SmolLM2 that slack is ~240 MB. Capacity is rows x max_length; pages are only touched as the
+    cache fills. Whoever passes a set must not still need the cache that set held two steps ago
+    (the plain decoding loop never does; EPIC's lookahead does not use them)."""
+
+    def __init__(self, model: "CausalLM", rows: int, max_length: int):
+        size = rows * model.spec.num_kv_heads * max_length * model.spec.head_dim
+        n = len(model.spec.present_names)
+        self._sets = [[np.empty(size, dtype=model.spec.kv_dtype) for _ in range(n)] for _ in range(2)]
+        self._turn = 0
+
+    def next(self) -> list[np.ndarray]:
+        self._turn ^= 1
+        return self._sets[self._turn]
 
 
 _NO_TREE = np.ones((1, 1, 1), dtype=bool)  # broadcast: padding and causality alone
