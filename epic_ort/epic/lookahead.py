@@ -168,6 +168,7 @@ class _TreeRows:
         self.prefix_next = cache.next_position
         self.blocks = self.unit_parents.shape[1]
         self.cache = _unit_cache(cache, self.unit_parents)
+        self.cand_key: np.ndarray | None = None  # each candidate's key column in its unit (after depth 0)
         self.row_cand: np.ndarray | None = None  # rollout rows: their candidate, and the key columns
         self.row_path: np.ndarray | None = None  # of their tree ancestors
 
@@ -206,7 +207,7 @@ class _TreeRows:
 
     def start_rollouts(self, tile: np.ndarray) -> None:
         self.row_cand = tile
-        self.row_path = self.cand_key[tile][:, None]
+        self.row_path = self.cand_key[tile][:, None]  # type: ignore[index]
 
     def step(self, tokens: np.ndarray, depth: int) -> np.ndarray:
         logits, keys = self._run(tokens, self.row_cand, depth, self.row_path)  # type: ignore[arg-type]
