@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..runtime.model import CausalLM, KVCache
+from ..runtime.model import CausalLM, KVCache, as_numpy
 from ..sampling.processors import ProcessorList, entropy_and_draws
 
 
@@ -273,7 +273,7 @@ def _unit_cache(cache: KVCache, unit_parents: np.ndarray) -> KVCache:
     src = np.maximum(unit_parents, 0)
     values = []
     for v in cache.values:
-        a = v if isinstance(v, np.ndarray) else v.numpy()  # [rows, heads, length, head_dim]
+        a = as_numpy(v)  # [rows, heads, length, head_dim]
         g = a[src].transpose(0, 2, 1, 3, 4)  # [units, heads, blocks, length, head_dim]
         values.append(np.ascontiguousarray(g).reshape(units, a.shape[1], blocks * a.shape[2], a.shape[3]))
     mask = np.where(unit_parents[..., None] < 0, 0, cache.attention_mask[src]).reshape(units, -1)
@@ -300,13 +300,12 @@ class TreeBranches:
         self.prefix, self.parents = prefix, parents
         self.columns = []  # per cache tensor: [candidates, heads, 1, head_dim]
         for v in tree.values:
-            a = v if isinstance(v, np.ndarray) else v.numpy()
-            self.columns.append(a[cand_unit, :, cand_key][:, :, None, :])
+            self.columns.append(as_numpy(v)[cand_unit, :, cand_key][:, :, None, :])
 
     def select(self, candidates: Sequence[int] | np.ndarray) -> KVCache:
         idx = np.asarray(candidates, dtype=np.int64)
         rows = self.prefix.select(self.parents[idx])
-        values = [np.concatenate([v if isinstance(v, np.ndarray) else v.numpy(), col[idx]], axis=2)
+        values = [np.concatenate([as_numpy(v), col[idx]], axis=2)
                   for v, col in zip(rows.values, self.columns)]
         mask = np.concatenate([rows.attention_mask, np.ones((idx.size, 1), dtype=np.int64)], axis=1)
         return KVCache(values=values, attention_mask=mask, next_position=rows.next_position + 1)
@@ -328,16 +327,14 @@ def merge_branches(branches: Sequence[Branch]) -> KVCache:
     """The decoding cache that continues from the chosen candidates, one row each, in order.
     Tree branches are written straight into one new cache (prefix row + column), without the
     per-row copies and the concatenation that would hold the cache several times over."""
-    if not all(isinstance(b, TreeBranches) for b, _ in branches):
-        return KVCache.concat([b.select([k]) for b, k in branches])
-    prefix = branches[0][0].prefix  # type: ignore[union-attr]
-    if any(b.prefix is not prefix for b, _ in branches):  # type: ignore[union-attr]
+    prefix = getattr(branches[0][0], "prefix", None)
+    if any(not isinstance(b, TreeBranches) or b.prefix is not prefix for b, _ in branches):
         return KVCache.concat([b.select([k]) for b, k in branches])
     rows = np.array([b.parents[k] for b, k in branches], dtype=np.int64)  # type: ignore[union-attr]
     length = prefix.length
     values = []
     for t, v in enumerate(prefix.values):
-        a = v if isinstance(v, np.ndarray) else v.numpy()
+        a = as_numpy(v)
         out = np.empty((rows.size, a.shape[1], length + 1, a.shape[3]), dtype=a.dtype)
         for r, (b, k) in enumerate(branches):
             out[r, :, :length] = a[rows[r]]

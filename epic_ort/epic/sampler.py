@@ -47,7 +47,7 @@ class _RowSearch:
     evals: int = 0
     skipped: int = 0  # candidates whose rollouts stopped early (Ĥ not computed in full)
     calls: int = 0
-    rows: int = 0
+    lookahead_tokens: int = 0
 
 
 class EpicChooser:
@@ -132,7 +132,7 @@ class EpicChooser:
             lower = np.concatenate([res.lower for res in results])
             terms = np.concatenate([res.terms for res in results])
             done = np.concatenate([res.complete for res in results])
-            row_cost = np.concatenate([res.candidate_tokens for res in results])
+            token_cost = np.concatenate([res.candidate_tokens for res in results])
             log_v = math.log(vocab)
             for i, cands, slots in per_row:
                 st = states[i]
@@ -143,7 +143,7 @@ class EpicChooser:
                     st.search.tighten(cands[~full], lower[part], lower[part] + (self.horizon - terms[part]) * log_v)
                 st.evals += int(full.sum())
                 st.skipped += int(part.size)
-                st.rows += int(row_cost[slots].sum())
+                st.lookahead_tokens += int(token_cost[slots].sum())
                 st.calls += sum(results[c].calls for c in {bisect_right(starts, j) - 1 for j in slots})
                 hit = np.flatnonzero(cands == st.search.best_token)
                 if hit.size:  # the best can only have changed to a candidate of this round
@@ -168,7 +168,7 @@ class EpicChooser:
         next_logits = np.stack([st.winner[0] for st in states])  # type: ignore[index]
         next_cache = merge_branches([st.winner[1] for st in states])  # type: ignore[index]
         stats = [{"entropy_evals": st.evals, "rollouts_skipped": st.skipped, "forward_passes": st.calls,
-                  "lookahead_tokens": st.rows} for st in states]
+                  "lookahead_tokens": st.lookahead_tokens} for st in states]
         return StepResult(chosen, next_logits, next_cache, stats)
 
     def _pruner(self, rows: Sequence[Row], states: list[_RowSearch], parents: list[int], tokens: list[int]) -> Any:

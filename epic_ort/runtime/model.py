@@ -120,16 +120,17 @@ class KVCache:
         if len(lengths) != 1:
             raise ValueError(f"cannot concat caches of lengths {sorted(lengths)}")
         return KVCache(
-            values=[np.concatenate([_as_numpy(c.values[i]) for c in caches]) for i in range(len(caches[0].values))],
+            values=[np.concatenate([as_numpy(c.values[i]) for c in caches]) for i in range(len(caches[0].values))],
             attention_mask=np.concatenate([c.attention_mask for c in caches]),
             next_position=np.concatenate([c.next_position for c in caches]),
         )
 
     def nbytes(self) -> int:
-        return sum(_as_numpy(v).nbytes for v in self.values)
+        return sum(as_numpy(v).nbytes for v in self.values)
 
 
-def _as_numpy(v: Any) -> np.ndarray:
+def as_numpy(v: Any) -> np.ndarray:
+    """A cache tensor as a NumPy array (an OrtValue is copied to the host)."""
     return v if isinstance(v, np.ndarray) else v.numpy()
 
 
@@ -139,7 +140,7 @@ def _take_rows(v: Any, idx: np.ndarray) -> Any:
     rows = v.shape[0] if isinstance(v, np.ndarray) else v.shape()[0]
     if idx.size == rows and np.array_equal(idx, np.arange(rows)):
         return v
-    return np.take(_as_numpy(v), idx, axis=0)
+    return np.take(as_numpy(v), idx, axis=0)
 
 
 def default_session_options(threads: int | None = None) -> Any:
