@@ -207,11 +207,12 @@ def make_chooser(config: GenerationConfig) -> TokenChooser:
     return EpicChooser(alpha=config.alpha, horizon=config.horizon, rollouts=config.rollouts, processors=config.processors())
 
 
-def _prefill_rows(model: CausalLM, rows: Sequence[Row]) -> tuple[np.ndarray, KVCache]:
-    """Prefill each distinct prompt once, then fork its cache to every row that shares it."""
+def _prefill_rows(model: CausalLM, rows: Sequence[Row], room: int) -> tuple[np.ndarray, KVCache]:
+    """Prefill each distinct prompt once, then fork its cache to every row that shares it.
+    `room`: tokens the cache gets space for after the longest prompt."""
     unique: dict[tuple[int, ...], int] = {}
     owner = [unique.setdefault(tuple(r.prompt_ids), len(unique)) for r in rows]
-    logits, cache = model.prefill([list(k) for k in unique])
+    logits, cache = model.prefill([list(k) for k in unique], room=room)
     if len(unique) == len(rows) and owner == list(range(len(rows))):
         return logits, cache
     return logits[owner], cache.select(owner)
@@ -226,7 +227,10 @@ def _decode_batch(
     on_token: OnToken | None,
 ) -> Iterator[Sample]:
     t0 = time.perf_counter()
-    logits, cache = _prefill_rows(model, rows)
+    longest = min(max(len(r.prompt_ids) for r in rows) + config.max_new_tokens, model.max_positions)
+    # room for every token to come, plus the scratch a chooser runs through the cache (EPIC's trees)
+    logits, cache = _prefill_rows(model, rows, longest - max(len(r.prompt_ids) for r in rows)
+                                  + int(getattr(chooser, "cache_scratch", 0)))
     for r in rows:
         r.stats = {"prompt_tokens": len(r.prompt_ids)}
     active = list(range(len(rows)))
@@ -234,7 +238,8 @@ def _decode_batch(
     holdback = max((len(s) for s in config.stop), default=0)
     stream = _StreamState()
     need_text = bool(config.stop) or on_token is not None
-    buffers: KVBuffers | None = None  # plain decoding writes each step's cache into these
+    buffers: KVBuffers | None = None  # plain decoding writes each step's cache into these (graphs that
+    # cannot write in place)
     while active:
         act_rows = [rows[i] for i in active]
         if len(processors):
@@ -279,13 +284,12 @@ def _decode_batch(
         if result.next_logits is not None and result.next_cache is not None:
             logits, cache = result.next_logits, result.next_cache
             if len(keep) < len(act_rows):
-                logits, cache = logits[keep], cache.select(keep)
+                logits, cache = logits[keep], cache.compacted(keep)
         else:
             if len(keep) < len(act_rows):
-                cache = cache.select(keep)
-            if buffers is None and model.device == "cpu":
-                longest = max(len(r.prompt_ids) for r in rows) + config.max_new_tokens
-                buffers = KVBuffers(model, len(rows), min(longest, model.max_positions))
+                cache = cache.compacted(keep)
+            if buffers is None and model.device == "cpu" and not model.kv_in_place:
+                buffers = KVBuffers(model, len(rows), longest)
             logits, cache = model.step(tokens[keep], cache, present_buffers=buffers.next() if buffers else None)
         active = [active[j] for j in keep]
 

@@ -207,7 +207,7 @@ def _merged_chisquare(counts, probs, min_expected=5.0):
     return chisquare(obs_m, exp_m).pvalue
 
 
-@pytest.mark.parametrize("layout", ["packed", "row-per-unit", "split"])
+@pytest.mark.parametrize("layout", ["packed", "row-per-unit", "split", "in-place"])
 @pytest.mark.parametrize("pruned", [False, True])
 def test_token_tree_equals_forked_rows(tiny_llama, monkeypatch, pruned, layout):
     """The token-tree lookahead (candidates and rollouts as positions of a few model rows, over
@@ -221,6 +221,8 @@ def test_token_tree_equals_forked_rows(tiny_llama, monkeypatch, pruned, layout):
         monkeypatch.setattr(la, "KEYS_PER_TOKEN", 1e-3)
     if layout == "split":  # the 30-candidate row takes 5 units of at most 6 candidates (12 rollout tokens)
         monkeypatch.setattr(la, "MAX_UNIT_TOKENS", 12)
+    if layout == "in-place":  # no copy allowed: each batch row's tree runs in the room after its own cache
+        monkeypatch.setattr(la, "COPY_BUDGET_BYTES", 0)
     model = tiny_llama
     assert model.supports_trees
     V = model.vocab_size
@@ -237,11 +239,15 @@ def test_token_tree_equals_forked_rows(tiny_llama, monkeypatch, pruned, layout):
     monkeypatch.setattr(la, "_pack_units", lambda *a: blocks.setdefault("units", real_pack(*a)))
     tree = lookahead_entropy(model, cache, parents, tokens, u, 4, keep=keep)
     unit_parents = blocks["units"][2]
-    expected_shape = {"packed": (1, 4), "row-per-unit": (4, 1)}.get(layout)
+    expected_shape = {"packed": (1, 4), "row-per-unit": (4, 1), "in-place": (4, 1)}.get(layout)
     if expected_shape:
         assert unit_parents.shape == expected_shape
     else:
         assert (unit_parents == 1).sum() == 5
+    if layout == "in-place":
+        assert model.kv_in_place and np.array_equal(unit_parents[:, 0], np.arange(4))
+        tree_cache = tree.first_cache.prefix
+        assert tree_cache is cache and cache.capacity > cache.length and cache.writes.scratch
     monkeypatch.setattr(type(model), "supports_trees", property(lambda self: False))
     fork = lookahead_entropy(model, cache, parents, tokens, u, 4, keep=keep)
     assert tree.calls == fork.calls

@@ -3,13 +3,17 @@ cost, never the tokens; nor does running the lookahead as token trees instead of
 
 from __future__ import annotations
 
+import numpy as np
+
 import epic_ort
 from epic_ort.decoding import generate
 from epic_ort.epic.sampler import EpicChooser
 
 
-def _run(model, budget):
+def _run(model, budget, scratch=None):
     chooser = EpicChooser(alpha=0.7, horizon=3, rollouts=2, kv_budget_bytes=budget)
+    if scratch is not None:
+        chooser.cache_scratch = scratch
     chooser.step_log = []
     cfg = epic_ort.GenerationConfig(max_new_tokens=10, alpha=0.7, horizon=3, rollouts=2, seed=4)
     samples = sorted(generate(model, ["the cat", "a dog ran"], cfg, num_samples=2, batch_size=4, chooser=chooser),
@@ -57,3 +61,32 @@ def test_token_trees_give_the_tokens_of_forked_rows(tiny_llama, monkeypatch):
     fork_tokens, fork_log = _run(tiny_llama, 1 << 30)
     assert tree_tokens == fork_tokens
     assert [e for e, _, _ in tree_log] == [e for e, _, _ in fork_log]
+
+
+def test_trees_in_the_cache_room_spread_wide_rows_over_calls(tiny_llama, monkeypatch):
+    """On a graph that writes in place, with a cache too long to copy, a row whose tree could
+    outgrow the room kept after its cache spreads its candidates over calls: same tokens, more
+    calls, and no row ever gets more candidates in one call than the room holds."""
+    from epic_ort.epic import lookahead as la
+    from epic_ort.epic import sampler as sp
+
+    assert tiny_llama.kv_in_place
+    wide_tokens, wide_log = _run(tiny_llama, 1 << 30)
+    monkeypatch.setattr(la, "COPY_BUDGET_BYTES", 0)
+    chunks = []
+    real = sp.EpicChooser._chunk_starts
+
+    def spy(self, model, cache, parents):
+        starts = real(self, model, cache, parents)
+        fits = (cache.capacity - cache.length) // (1 + self.rollouts * (self.horizon - 1))
+        for lo, hi in zip(starts, starts[1:] + [len(parents)]):
+            per_row = np.bincount(parents[lo:hi])
+            assert per_row.max() <= fits
+            chunks.append(hi - lo)
+        return starts
+
+    monkeypatch.setattr(sp.EpicChooser, "_chunk_starts", spy)
+    narrow_tokens, narrow_log = _run(tiny_llama, 1 << 30, scratch=8 * 5)  # room for 8 candidates' trees
+    assert narrow_tokens == wide_tokens
+    assert len(chunks) > len(narrow_log)  # some rounds were split
+    assert sum(c for _, c, _ in narrow_log) > sum(c for _, c, _ in wide_log)

@@ -140,53 +140,59 @@ def test_same_contract_and_interchangeable_caches_with_optimum(lean, tiny_export
         return {v.name: (v.type.tensor_type.elem_type, dims(v)) for v in [*g.input, *g.output] if v.name not in init}
 
     lean_io, optimum_io = io(folder / "model.onnx"), io(optimum_dir / "model.onnx")
-    assert lean_io.pop("logits_to_keep") == (onnx.TensorProto.INT64, [1])  # the lean graph's two extra inputs
+    assert lean_io.pop("logits_index") == (onnx.TensorProto.INT64, ["logits_count"])  # the lean graph's two extra inputs
     assert lean_io.pop("tree_mask")[0] == onnx.TensorProto.BOOL
-    assert lean_io.pop("logits")[1][1] == "logits_sequence_length"
+    assert lean_io.pop("logits") == (onnx.TensorProto.FLOAT, ["logits_count", hf_model.config.vocab_size])
     optimum_io.pop("logits")
-    assert lean_io == optimum_io
+    # same names, element types and ranks; the past may be longer than the past (capacity)
+    assert {k: (t, len(d)) for k, (t, d) in lean_io.items()} == {k: (t, len(d)) for k, (t, d) in optimum_io.items()}
+    assert lean_io["past_key_values.0.key"][1][2] == "capacity"
     nodes = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node
-    assert len(nodes) <= 16 * hf_model.config.num_hidden_layers + 24  # + the shared mask and lm_head slice
+    assert len(nodes) <= 16 * hf_model.config.num_hidden_layers + 30  # + the shared mask and lm_head pick
 
     lean_lm, opt_lm = epic_ort.load(folder, provider="cpu"), epic_ort.load(optimum_dir, provider="cpu")
+    assert lean_lm.kv_in_place and not opt_lm.kv_in_place
     ids, mask, extra = _batch(lean_lm.vocab_size, seed=2)
     a, lean_cache = lean_lm.forward(ids, lean_lm.empty_cache(3), mask)
     b, opt_cache = opt_lm.forward(ids, opt_lm.empty_cache(3), mask)
     np.testing.assert_allclose(a, b, atol=1e-4)
-    for (x, y) in zip(lean_cache.values, opt_cache.values):
-        np.testing.assert_allclose(x.numpy(), y.numpy(), atol=1e-5)
+    for (x, y) in zip(lean_cache.tensors(), opt_cache.tensors()):
+        np.testing.assert_allclose(x, y, atol=1e-5)
     # each graph continues from the other's cache
     a, _ = opt_lm.step(extra[:, 0], lean_cache)
     b, _ = lean_lm.step(extra[:, 0], opt_cache)
     np.testing.assert_allclose(a, b, atol=1e-4)
 
 
-def test_logits_to_keep_slices_the_last_positions(lean):
-    """`logits_to_keep` n > 0 gives exactly the last n rows of the full logits (0 gives all), and
-    the runtime asks for 1 in a prefill: the cache is the same either way."""
+def test_logits_index_picks_positions(lean):
+    """`logits_index` gives exactly the logits of the listed positions (row x length + position),
+    in the order listed; the runtime's last-position, all-position and (row, position) requests
+    agree with each other, and the cache is the same whichever logits were asked for."""
     import onnxruntime as ort
 
     _, folder = lean["llama"]
     model = epic_ort.load(folder, provider="cpu")
     ids, mask, _ = _batch(model.vocab_size, seed=4)
+    rows, t = ids.shape
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     positions = np.where(mask == 0, 1, np.cumsum(mask, axis=1) - 1)
-    empty = np.zeros((3, model.spec.num_kv_heads, 0, model.spec.head_dim), np.float32)
+    empty = np.zeros((rows, model.spec.num_kv_heads, 0, model.spec.head_dim), np.float32)
     feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
             "tree_mask": np.ones((1, 1, 1), bool), **{n: empty for n in model.spec.past_names}}
-    full = session.run(["logits"], {**feed, "logits_to_keep": np.array([0]),
-                "tree_mask": np.ones((1, 1, 1), bool)})[0]
-    assert full.shape[1] == ids.shape[1]
-    for keep in (1, 3):
-        part = session.run(["logits"], {**feed, "logits_to_keep": np.array([keep])})[0]
-        assert part.shape == (3, keep, full.shape[2])
-        np.testing.assert_allclose(part, full[:, -keep:], atol=1e-5)
-    last, cache = model.forward(ids, model.empty_cache(3), mask)
-    every, cache_all = model.forward(ids, model.empty_cache(3), mask, last_only=False)
-    assert every.shape[1] == ids.shape[1]
+    full = session.run(["logits"], {**feed, "logits_index": np.arange(rows * t)})[0]
+    assert full.shape == (rows * t, model.vocab_size)
+    pick = np.array([t * 2 + 1, 0, t - 1, t * 2 + 1])
+    part = session.run(["logits"], {**feed, "logits_index": pick})[0]
+    np.testing.assert_allclose(part, full[pick], atol=1e-5)
+    last, cache = model.forward(ids, model.empty_cache(rows), mask)
+    every, cache_all = model.forward(ids, model.empty_cache(rows), mask, last_only=False)
+    at, _ = model.forward(ids, model.empty_cache(rows), mask, logits_at=(np.array([2, 0]), np.array([1, t - 1])))
+    assert every.shape == (rows, t, model.vocab_size) and at.shape == (2, model.vocab_size)
+    np.testing.assert_allclose(every.reshape(rows * t, -1), full, atol=1e-5)
     np.testing.assert_allclose(last, every[:, -1], atol=1e-5)
-    for a, b in zip(cache.values, cache_all.values):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    np.testing.assert_allclose(at, every[[2, 0], [1, t - 1]], atol=1e-5)
+    for a, b in zip(cache.tensors(), cache_all.tensors()):
+        np.testing.assert_array_equal(a, b)
 
 
 def _quantize_dynamic(path: Path) -> None:
@@ -233,7 +239,7 @@ def test_external_data_when_large(lean, tmp_path, monkeypatch):
     def run(p):
         s = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
         feed = {"input_ids": np.array([[5, 6, 7]]), "attention_mask": np.ones((1, 3), np.int64),
-                "position_ids": np.array([[0, 1, 2]]), "logits_to_keep": np.array([0]),
+                "position_ids": np.array([[0, 1, 2]]), "logits_index": np.arange(3),
                 "tree_mask": np.ones((1, 1, 1), bool)}
         for i in s.get_inputs():
             if i.name.startswith("past_key_values."):

@@ -64,3 +64,14 @@ def test_static_logits_to_keep_gets_no_profile():
     p = trt_profile_shapes(NAMES + ["logits_to_keep"], 3, 64, max_batch=8, max_positions=1024)
     for key in ("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes"):
         assert {e.split(":")[0] for e in p[key].split(",")} == set(NAMES)
+
+
+def test_logits_index_profile_spans_one_to_every_position():
+    """`logits_index` lists picked positions: from 1 (one row's last) through one per row (decoding)
+    to every position of the largest batch (scoring text)."""
+    p = trt_profile_shapes(NAMES + ["logits_index"], 3, 64, max_batch=8, max_positions=1024)
+
+    def size(key):
+        return int(dict(e.split(":") for e in p[key].split(","))["logits_index"])
+
+    assert (size("trt_profile_min_shapes"), size("trt_profile_opt_shapes"), size("trt_profile_max_shapes")) == (1, 8, 8 * 1024)

@@ -213,11 +213,13 @@ def poison_logits(monkeypatch, value, after_calls=0, whole_row=False):
         outs = original(self)
         seen["n"] += 1
         if seen["n"] > after_calls:
-            logits = np.array(outs[0].numpy(), copy=True)
+            # in place: on the CPU the runtime binds its own logits buffer, which this views
+            logits = outs[0].numpy()
+            last = logits[:, -1] if logits.ndim == 3 else logits  # [rows, T, V], or [picked positions, V]
             if whole_row:
-                logits[:, -1, :] = value
+                last[:] = value
             else:
-                logits[:, -1, 5] = value
+                last[:, 5] = value
             outs = [ort.OrtValue.ortvalue_from_numpy(logits), *outs[1:]]
         return outs
 

@@ -70,13 +70,15 @@ def test_manifest_records_graph_facts(tiny):
     assert m.model_sha256 == sha256_file(onnx_dir / "model.onnx")
 
 
-def test_present_buffers_hold_the_new_cache(tiny):
+def test_present_buffers_hold_the_new_cache(tiny, monkeypatch):
     """A step written into preallocated buffers gives the cache ORT would have allocated, as views
     of those buffers, alternating between the two sets; a buffer too small is not used."""
     from epic_ort.runtime.model import KVBuffers
 
     _, _, onnx_dir = tiny
     model = epic_ort.load(onnx_dir, provider="cpu")
+    if model.kv_in_place:  # the lean graph without in-place writes (how it runs on a GPU)
+        monkeypatch.setattr(type(model), "kv_in_place", property(lambda self: False))
     logits, cache = model.prefill([[1, 5, 6, 7], [1, 8]])
     buffers = KVBuffers(model, rows=2, max_length=8)
     tokens = np.array([9, 10])
@@ -98,18 +100,81 @@ def test_present_buffers_hold_the_new_cache(tiny):
     assert not any(isinstance(v, np.ndarray) and np.shares_memory(v, b) for v, b in zip(c3.values, small))
 
 
-def test_plain_generation_with_buffers_equals_without(tiny_llama, monkeypatch):
-    """The decode loop's buffers change where the cache lives, never the tokens (rows finishing
-    at different steps included)."""
-    cfg = epic_ort.GenerationConfig(max_new_tokens=30, seed=3, top_k=0, top_p=1.0)
+def _no_in_place(monkeypatch, model):
+    monkeypatch.setattr(type(model), "kv_in_place", property(lambda self: False))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6])
+def test_generation_is_the_same_however_the_cache_is_kept(tiny_llama, monkeypatch, alpha):
+    """Writing the cache in place, into ORT-allocated tensors, or into the decode loop's
+    alternating buffers changes where the cache lives, never the tokens (plain sampling and
+    EPIC; rows finishing at different steps, so compaction too)."""
+    cfg = epic_ort.GenerationConfig(max_new_tokens=30, seed=3, top_k=0, top_p=1.0, alpha=alpha, horizon=3)
     prompts = ["the cat", "a dog ran far", "x"]
 
     def run():
         return sorted((s.prompt_index, s.sample_index, s.token_ids, s.finish_reason)
                       for s in epic_ort.generate(tiny_llama, prompts, cfg, num_samples=2, batch_size=6))
 
+    assert tiny_llama.kv_in_place
+    in_place = run()
+    assert len({len(r[2]) for r in in_place}) > 1  # rows finished at different steps
+    _no_in_place(monkeypatch, tiny_llama)
     with_buffers = run()
     step = type(tiny_llama).step
     monkeypatch.setattr(type(tiny_llama), "step", lambda self, t, c, present_buffers=None: step(self, t, c))
-    assert run() == with_buffers
-    assert len({r[3] for r in with_buffers}) >= 1 and len({len(r[2]) for r in with_buffers}) > 1
+    assert run() == with_buffers == in_place
+
+
+def test_in_place_steps_write_into_the_room_and_forks_copy(tiny_llama):
+    """A step writes its keys/values into the room after the cache (same buffers, nothing
+    copied), leaves the cache's own slots alone, and gives the logits of a fresh prefill. Continuing
+    the same cache a second time (a fork) copies it, so both continuations stay right; scratch
+    (a lookahead's tokens) is overwritten instead."""
+    model = tiny_llama
+    a = model.encode("hello there")
+    _, cache = model.prefill([a, a[:3]], room=4)
+    assert cache.capacity == len(a) + 4
+    before = [t.copy() for t in cache.tensors()]
+
+    def fresh(tokens_row0, tokens_row1):
+        _, c = model.prefill([a + tokens_row0[:-1], a[:3] + tokens_row1[:-1]])
+        return model.step(np.array([tokens_row0[-1], tokens_row1[-1]]), c)[0]
+
+    l1, c1 = model.step(np.array([5, 6]), cache)
+    assert all(np.shares_memory(x, y) for x, y in zip(c1.values, cache.values))
+    for x, y in zip(cache.tensors(), before):
+        np.testing.assert_array_equal(x, y)
+    np.testing.assert_allclose(l1, fresh([5], [6]), atol=1e-4)
+    l2, c2 = model.step(np.array([7, 8]), cache)  # a second continuation of `cache`: a fork
+    assert not any(np.shares_memory(x, y) for x, y in zip(c2.values, cache.values))
+    np.testing.assert_allclose(l2, fresh([7], [8]), atol=1e-4)
+    l11, _ = model.step(np.array([9, 9]), c1)  # the first continuation is intact
+    np.testing.assert_allclose(l11, fresh([5, 9], [6, 9]), atol=1e-4)
+
+    _, s1 = model.forward(np.array([[10], [11]]), c2, scratch=True)  # scratch, then a real step over it
+    l3, c3 = model.step(np.array([12, 12]), c2)
+    assert all(np.shares_memory(x, y) for x, y in zip(c3.values, s1.values))
+    np.testing.assert_allclose(l3, fresh([7, 12], [8, 12]), atol=1e-4)
+
+
+def test_cache_grows_with_room_to_spare_and_compacts_in_place(tiny_llama):
+    from epic_ort.runtime.model import GROWTH_SLOTS
+
+    model = tiny_llama
+    rows = [model.encode("the cat sat"), model.encode("a dog"), model.encode("x y z w")]
+    _, cache = model.prefill(rows)  # no room asked for
+    assert cache.capacity == cache.length
+    _, grown = model.step(np.array([5, 6, 7]), cache)
+    assert grown.capacity >= cache.length + 1 + GROWTH_SLOTS - 1
+    _, nxt = model.step(np.array([8, 9, 10]), grown)
+    assert all(np.shares_memory(x, y) for x, y in zip(nxt.values, grown.values))  # no second growth
+    ref = nxt.select([0, 2])
+    kept = nxt.compacted([0, 2])
+    assert kept.capacity == nxt.capacity and all(np.shares_memory(x, y) for x, y in zip(kept.values, nxt.values))
+    for x, y in zip(kept.tensors(), ref.tensors()):
+        np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(kept.attention_mask, ref.attention_mask)
+    la, _ = model.step(np.array([11, 12]), kept)
+    lb, _ = model.step(np.array([11, 12]), ref)
+    np.testing.assert_allclose(la, lb, atol=1e-5)

@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..runtime.model import CausalLM, KVCache, as_numpy
+from ..runtime.model import GROWTH_SLOTS, BufferWrites, CausalLM, KVCache, as_numpy, cache_buffers
 from ..sampling.processors import ProcessorList, entropy_and_draws
 
 
@@ -76,7 +76,7 @@ def lookahead_entropy(
     no_ids = np.zeros((n, 0), dtype=np.int64)
 
     rows: _TreeRows | _ForkedRows = (_TreeRows(model, cache, parents, uniforms.shape[1], horizon)
-                                     if model.supports_trees else _ForkedRows(model))
+                                     if model.supports_trees else _ForkedRows(model, horizon))
     logits0, first_cache = rows.first(cache, parents, cands)
     scores0 = procs(no_ids, logits0) if procs else logits0
     alive0 = ~np.isin(cands, eos)
@@ -126,18 +126,20 @@ def lookahead_entropy(
 
 MAX_UNIT_TOKENS = 256  # tree tokens of one unit in one call (rotary tables also cap it at max_positions)
 KEYS_PER_TOKEN = 2000  # rough cost model: attending to this many keys costs about one token through the weights
+COPY_BUDGET_BYTES = 64 << 20  # in-place graphs: most cache a packed layout may copy (else rows layout)
 
 
 class _ForkedRows:
     """One model row per candidate, then per rollout: the prefix cache is gathered to them."""
 
-    def __init__(self, model: CausalLM):
-        self.model, self.calls = model, 0
+    def __init__(self, model: CausalLM, horizon: int):
+        self.model, self.calls, self.horizon = model, 0, horizon
         self.cache0: KVCache | None = None
         self.cache_r: KVCache | None = None
 
     def first(self, cache: KVCache, parents: np.ndarray, cands: np.ndarray) -> tuple[np.ndarray, KVCache]:
-        logits0, self.cache0 = self.model.step(cands, cache.select(parents))  # the fork is freed on return
+        room = self.horizon if self.model.kv_in_place else 0
+        logits0, self.cache0 = self.model.step(cands, cache.select(parents, room=room))  # freed on return
         self.calls += 1
         return logits0, self.cache0
 
@@ -163,11 +165,15 @@ class _TreeRows:
         self.model, self.calls = model, 0
         cap = max(1, min(MAX_UNIT_TOKENS, model.max_positions) // max(rollouts, 1))
         tree_keys = lambda width: width * (1 + rollouts * (horizon - 1)) / 2  # noqa: E731 (mean tree size)
-        self.cand_unit, self.cand_block, self.unit_parents = _pack_units(parents, cache.length, cap, tree_keys)
+        copy_slots = copy_budget_slots(model) if model.kv_in_place else None
+        self.cand_unit, self.cand_block, self.unit_parents = _pack_units(
+            parents, cache.length, cap, tree_keys, cache.rows if model.kv_in_place else 0, copy_slots)
         self.parents, self.prefix_len = parents, cache.length
         self.prefix_next = cache.next_position
         self.blocks = self.unit_parents.shape[1]
-        self.cache = _unit_cache(cache, self.unit_parents)
+        self.prefix = cache
+        widest = int(np.bincount(self.cand_unit).max())  # depth 0's width; later depths make room as they go
+        self.cache, self.in_prefix = _unit_cache(cache, self.unit_parents, widest if model.kv_in_place else 0)
         self.cand_key: np.ndarray | None = None  # each candidate's key column in its unit (after depth 0)
         self.row_cand: np.ndarray | None = None  # rollout rows: their candidate, and the key columns
         self.row_path: np.ndarray | None = None  # of their tree ancestors
@@ -194,10 +200,15 @@ class _TreeRows:
         if ancestors is not None:
             for a in range(ancestors.shape[1]):
                 tree[unit, col, ancestors[:, a]] = True
-        logits, self.cache = self.model.forward(ids, self.cache, real, last_only=False, positions=positions,
-                                                tree_mask=tree)
+        if self.in_prefix and self.cache.capacity < past + width:
+            # grow the decoding cache itself, tree so far included, so later steps find the room
+            self.prefix.reserve(width, headroom=max(width, GROWTH_SLOTS), used=past)
+            self.cache = _rows(self.prefix, int(self.unit_parents[0, 0]), units, self.cache.attention_mask,
+                               self.cache.next_position)
+        logits, self.cache = self.model.forward(ids, self.cache, real, positions=positions, tree_mask=tree,
+                                                logits_at=(unit, col), scratch=True)
         self.calls += 1
-        return logits[unit, col], past + col
+        return logits, past + col
 
     def first(self, cache: KVCache, parents: np.ndarray, cands: np.ndarray) -> tuple[np.ndarray, "TreeBranches"]:
         everyone = np.arange(cands.size)
@@ -218,19 +229,38 @@ class _TreeRows:
         self.row_cand, self.row_path = self.row_cand[mask], self.row_path[mask]  # type: ignore[index]
 
 
-def _pack_units(parents: np.ndarray, prefix_len: int, cap: int, tree_keys: Callable[[int], float]
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def copy_budget_slots(model: CausalLM) -> int:
+    """How many key positions (all layers' keys and values) COPY_BUDGET_BYTES holds: the most
+    prefix a packed layout may copy on graphs that write in place."""
+    spec = model.spec
+    return COPY_BUDGET_BYTES // (len(spec.past_names) * spec.num_kv_heads * spec.head_dim
+                                 * np.dtype(spec.kv_dtype).itemsize)
+
+
+def _pack_units(parents: np.ndarray, prefix_len: int, cap: int, tree_keys: Callable[[int], float],
+                cache_rows: int = 0, copy_slots: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Group the candidates into units. Each batch row's candidates form items of at most `cap`;
     for m = 1, 2, 4, ... prefixes per unit, items go largest first to the least loaded unit with
     room, and the m with the least estimated work wins: every unit runs as wide as the widest, and
     each token attends to m prefixes plus its tree. Returns each candidate's unit and prefix block,
-    and the batch row of each unit's blocks ([units, m], -1 where a block is empty)."""
+    and the batch row of each unit's blocks ([units, m], -1 where a block is empty).
+
+    With `cache_rows` (graphs that write in place) the layout that copies nothing competes too:
+    the cache's own rows, first to last row with candidates, each its own unit, the trees in the
+    room after the prefix. Packed layouts copy their prefixes into new units; they are then only
+    considered while that copy holds at most `copy_slots` key positions (it costs memory)."""
     items = []
     for b in np.unique(parents).tolist():
         members = np.flatnonzero(parents == b)
         items += [(b, chunk) for chunk in np.array_split(members, -(-members.size // cap))]
     items.sort(key=lambda it: -it[1].size)
     best = None
+    counts = np.bincount(parents)
+    if cache_rows and counts.max() <= cap:
+        lo, hi = int(parents.min()), int(parents.max()) + 1
+        width = int(counts.max())
+        cost = (hi - lo) * width * (1 + (prefix_len + tree_keys(width)) / KEYS_PER_TOKEN)
+        best = (cost, None, 1)
     m = 1
     while True:
         fill: list[list[int]] = []
@@ -248,12 +278,15 @@ def _pack_units(parents: np.ndarray, prefix_len: int, cap: int, tree_keys: Calla
         width = max(loads)
         blocks = max(len(f) for f in fill)
         cost = len(fill) * width * (1 + (blocks * prefix_len + tree_keys(width)) / KEYS_PER_TOKEN)
-        if best is None or cost < best[0]:
+        fits = best is None or copy_slots is None or len(fill) * blocks * prefix_len <= copy_slots
+        if fits and (best is None or cost < best[0]):
             best = (cost, fill, blocks)
         if m >= len(items):
             break
         m *= 2
     _, fill, blocks = best
+    if fill is None:  # the cache's own rows lo..hi-1
+        return parents - lo, np.zeros(parents.size, dtype=np.int64), np.arange(lo, hi)[:, None]
     cand_unit = np.empty(parents.size, dtype=np.int64)
     cand_block = np.empty(parents.size, dtype=np.int64)
     unit_parents = np.full((len(fill), blocks), -1, dtype=np.int64)
@@ -264,20 +297,37 @@ def _pack_units(parents: np.ndarray, prefix_len: int, cap: int, tree_keys: Calla
     return cand_unit, cand_block, unit_parents
 
 
-def _unit_cache(cache: KVCache, unit_parents: np.ndarray) -> KVCache:
-    """The units' prefix cache: each unit's blocks are its batch rows' caches side by side (empty
-    blocks masked). The cache itself, uncopied, when each batch row is one unit in order."""
+def _unit_cache(cache: KVCache, unit_parents: np.ndarray, room: int) -> tuple[KVCache, bool]:
+    """The units' prefix cache, with room for `room` tree tokens (graphs that write in place):
+    each unit's blocks are its batch rows' caches side by side (empty blocks masked). When each
+    unit is one batch row in order, the cache's own rows, uncopied; on graphs that write in
+    place the tree then runs in the room after them (the bool says so)."""
     units, blocks = unit_parents.shape
-    if blocks == 1 and units == cache.rows and np.array_equal(unit_parents[:, 0], np.arange(units)):
-        return cache
+    lo = int(unit_parents[0, 0])
+    in_order = blocks == 1 and np.array_equal(unit_parents[:, 0], np.arange(lo, lo + units))
+    if in_order and room and (cache.room_is_free or cache.writes is None):
+        cache.reserve(room, headroom=max(room, GROWTH_SLOTS))
+        return _rows(cache, lo, units, cache.attention_mask[lo:lo + units], cache.next_position[lo:lo + units]), True
+    if in_order and units == cache.rows:
+        return cache, False
     src = np.maximum(unit_parents, 0)
-    values = []
-    for v in cache.values:
-        a = as_numpy(v)  # [rows, heads, length, head_dim]
-        g = a[src].transpose(0, 2, 1, 3, 4)  # [units, heads, blocks, length, head_dim]
-        values.append(np.ascontiguousarray(g).reshape(units, a.shape[1], blocks * a.shape[2], a.shape[3]))
+    length = cache.length
+    tensors = cache.tensors()  # [rows, heads, length, head_dim] each
+    shape = (units, tensors[0].shape[1], blocks * length + room, tensors[0].shape[3])
+    values = cache_buffers(len(tensors), shape, tensors[0].dtype)
+    for a, out in zip(tensors, values):
+        for b in range(blocks):
+            out[:, :, b * length:(b + 1) * length] = a[src[:, b]]
     mask = np.where(unit_parents[..., None] < 0, 0, cache.attention_mask[src]).reshape(units, -1)
-    return KVCache(values=values, attention_mask=mask, next_position=np.zeros(units, dtype=np.int64))
+    return KVCache(values=values, attention_mask=mask, next_position=np.zeros(units, dtype=np.int64),
+                   writes=BufferWrites(blocks * length) if room else None), False
+
+
+def _rows(buffers: KVCache, lo: int, n: int, mask: np.ndarray, next_position: np.ndarray) -> KVCache:
+    """Rows lo..lo+n-1 of `buffers`' tensors (views, so appending writes into `buffers`), as a
+    cache with the given mask and positions."""
+    values = buffers.values if lo == 0 and n == buffers.rows else [v[lo:lo + n] for v in buffers.values]
+    return KVCache(values=values, attention_mask=mask, next_position=next_position, writes=buffers.writes)
 
 
 def _slot_in_unit(unit: np.ndarray, units: int) -> np.ndarray:
@@ -304,11 +354,8 @@ class TreeBranches:
 
     def select(self, candidates: Sequence[int] | np.ndarray) -> KVCache:
         idx = np.asarray(candidates, dtype=np.int64)
-        rows = self.prefix.select(self.parents[idx])
-        values = [np.concatenate([as_numpy(v), col[idx]], axis=2)
-                  for v, col in zip(rows.values, self.columns)]
-        mask = np.concatenate([rows.attention_mask, np.ones((idx.size, 1), dtype=np.int64)], axis=1)
-        return KVCache(values=values, attention_mask=mask, next_position=rows.next_position + 1)
+        rows = self.prefix.select(self.parents[idx], room=None if self.prefix.capacity > self.prefix.length else 1)
+        return _append_columns(rows, [col[idx] for col in self.columns])
 
 
 Branch = tuple[KVCache | TreeBranches, int]
@@ -325,20 +372,28 @@ def branch(first_cache: KVCache | TreeBranches, k: int) -> Branch:
 
 def merge_branches(branches: Sequence[Branch]) -> KVCache:
     """The decoding cache that continues from the chosen candidates, one row each, in order.
-    Tree branches are written straight into one new cache (prefix row + column), without the
-    per-row copies and the concatenation that would hold the cache several times over."""
+    Tree branches are written into the room after their prefix: in place when every prefix row
+    goes on in order (the usual EPIC step; the tree there was scratch), else into one new cache,
+    never through per-row copies and a concatenation that would hold the cache several times."""
     prefix = getattr(branches[0][0], "prefix", None)
     if any(not isinstance(b, TreeBranches) or b.prefix is not prefix for b, _ in branches):
         return KVCache.concat([b.select([k]) for b, k in branches])
     rows = np.array([b.parents[k] for b, k in branches], dtype=np.int64)  # type: ignore[union-attr]
-    length = prefix.length
-    values = []
-    for t, v in enumerate(prefix.values):
-        a = as_numpy(v)
-        out = np.empty((rows.size, a.shape[1], length + 1, a.shape[3]), dtype=a.dtype)
-        for r, (b, k) in enumerate(branches):
-            out[r, :, :length] = a[rows[r]]
-            out[r, :, length] = b.columns[t][k, :, 0]  # type: ignore[union-attr]
-        values.append(out)
-    mask = np.concatenate([prefix.attention_mask[rows], np.ones((rows.size, 1), dtype=np.int64)], axis=1)
-    return KVCache(values=values, attention_mask=mask, next_position=prefix.next_position[rows] + 1)
+    has_room = prefix.capacity > prefix.length and prefix.room_is_free
+    if not (has_room and np.array_equal(rows, np.arange(prefix.rows))):
+        prefix = prefix.select(rows, room=None if prefix.capacity > prefix.length else 1)
+    columns = [np.stack([b.columns[t][k] for b, k in branches]) for t in range(len(prefix.values))]  # type: ignore[union-attr]
+    return _append_columns(prefix, columns)
+
+
+def _append_columns(cache: KVCache, columns: Sequence[np.ndarray]) -> KVCache:
+    """`cache` plus one token per row whose keys/values are `columns` ([rows, heads, 1, head_dim]
+    per cache tensor), written into the cache's room (it must have some)."""
+    n = cache.length
+    for v, col in zip(cache.values, columns):
+        v[:, :, n] = col[:, :, 0]
+    if cache.writes is not None:
+        cache.writes.end, cache.writes.scratch = n + 1, False
+    mask = np.concatenate([cache.attention_mask, np.ones((cache.rows, 1), dtype=np.int64)], axis=1)
+    return KVCache(values=cache.values, attention_mask=mask, next_position=cache.next_position + 1,
+                   writes=cache.writes)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -35,7 +36,7 @@ from ..runtime.model import CausalLM, KVCache
 from ..sampling.processors import ProcessorList, log_softmax
 from ..sampling.sample import gumbel
 from .lazy import LazySearch
-from .lookahead import Branch, branch, lookahead_entropy, merge_branches
+from .lookahead import Branch, branch, copy_budget_slots, lookahead_entropy, merge_branches
 
 
 @dataclass
@@ -48,6 +49,9 @@ class _RowSearch:
     skipped: int = 0  # candidates whose rollouts stopped early (Ĥ not computed in full)
     calls: int = 0
     lookahead_tokens: int = 0
+
+
+MIN_TREE_CANDIDATES = 8  # cache room below this many candidates' trees is not room kept for trees
 
 
 class EpicChooser:
@@ -64,6 +68,10 @@ class EpicChooser:
         self.margin = margin
         self.kv_budget_bytes = kv_budget_bytes
         self.prune_slack = prune_slack  # nats of rollout entropy the expected best may be off by; None: never skip
+        # room the decoding cache keeps for the lookahead's token trees (graphs that write in place):
+        # a row's tree holds its candidates and R rollouts of k-1 tokens each (fewer once rollouts
+        # stop); 32 candidates covers nearly all steps, and a bigger tree grows the cache once
+        self.cache_scratch = 32 * (1 + self.rollouts * (self.horizon - 1))
         self.step_log: list[tuple[int, int, int]] | None = None  # set to [] to record (evals, calls, nucleus99)
         self._h_recent: dict[tuple[int, int], float] = {}  # per sample: EMA of its winners' Ĥ
         self._rest_recent: dict[tuple[int, int], float] = {}  # per sample: EMA of its winners' Ĥ − h0
@@ -208,9 +216,22 @@ class EpicChooser:
         """Split a round's candidates into lookahead calls whose forked KV cache stays within
         `kv_budget_bytes`, cutting between batch rows where possible so that a row usually takes
         part in one call per depth. Long prefixes mean fewer candidates per call. A token tree
-        does not copy the prefix per candidate: one call."""
+        does not copy the prefix per candidate: one call. Except on graphs that write in place
+        when the cache is too long to copy (see `copy_budget_slots`): the trees then run in the
+        decoding cache's own room, and a row whose tree could outgrow it spreads its candidates
+        over calls (growing the cache would hold two copies of it for a moment)."""
         if model.supports_trees:
-            return [0]
+            per_candidate = 1 + self.rollouts * (self.horizon - 1)  # tree tokens, no rollout stopped
+            fits = (cache.capacity - cache.length) // per_candidate
+            if not model.kv_in_place or fits < MIN_TREE_CANDIDATES or cache.rows * cache.length <= copy_budget_slots(model):
+                return [0]
+            starts, counts = [0], Counter()
+            for j, p in enumerate(parents):
+                if counts[p] >= fits:
+                    starts.append(j)
+                    counts.clear()
+                counts[p] += 1
+            return starts
         layers, heads, dim = model.spec.num_layers, model.spec.num_kv_heads, model.spec.head_dim
         itemsize = np.dtype(model.spec.kv_dtype).itemsize
         per_row = 2 * layers * 2 * heads * dim * itemsize * (cache.length + self.horizon)  # past + present

@@ -2,21 +2,30 @@
 
 Optimum's export of a Llama traces the PyTorch code and leaves ~100 small shape ops per layer
 (Shape/Gather/Unsqueeze/Concat/Expand/Where ...) that ONNX Runtime executes on every decoding
-step. This module writes the same model directly from its weights, with ~15 nodes per layer,
-and with exactly the inputs and outputs of the Optimum export (`text-generation-with-past`):
+step. This module writes the same model directly from its weights, with ~15 nodes per layer.
+Its inputs and outputs follow the Optimum export (`text-generation-with-past`), with the KV
+cache as buffers that are written in place:
 
     input_ids       int64 [batch_size, sequence_length]
-    attention_mask  int64 [batch_size, past_sequence_length + sequence_length]  (1 real, 0 left padding)
+    attention_mask  int64 [batch_size, past_length + sequence_length]  (1 real, 0 left padding)
     position_ids    int64 [batch_size, sequence_length]
-    past_key_values.{i}.key / .value   float [batch_size, kv_heads, past_sequence_length, head_dim]
- -> logits          float [batch_size, logits_to_keep or sequence_length, vocab]
-    present.{i}.key / .value           float [batch_size, kv_heads, past + sequence_length, head_dim]
+    past_key_values.{i}.key / .value   float [batch_size, kv_heads, capacity, head_dim]
+ -> logits          float [logits_count, vocab]
+    present.{i}.key / .value           float [batch_size, kv_heads, capacity or past_length + sequence_length, head_dim]
 
-plus two inputs of its own:
+The past tensors may be longer than the past (capacity >= past_length, read from the attention
+mask): when the caller binds each present output to its past buffer (IO binding), attention
+(com.microsoft GroupQueryAttention) writes the new keys/values into slots past_length ..
+past_length + sequence_length - 1 of that buffer and nothing is copied. Unbound, with capacity =
+past_length, the present is the concatenation, as in Optimum's graph. The model metadata
+`epic_ort.kv_cache = shared_buffer` tells the runtime which contract a graph has.
 
-    logits_to_keep  int64 [1]: the logits cover the last that many positions (0: all, as in
-                    Optimum's graph; the runtime asks for 1 except when it scores text);
-    tree_mask       bool [batch_size or 1, sequence_length or 1, past + sequence_length or 1]:
+Two inputs of its own:
+
+    logits_index    int64 [logits_count]: which positions (row x sequence_length + position)
+                    reach the lm_head: a prefill needs each row's last, text scoring all, an
+                    EPIC token tree its real tokens (not the padding of narrower rows);
+    tree_mask       bool [batch_size or 1, sequence_length or 1, past_length + sequence_length or 1]:
                     which keys each new token may see, on top of padding and causality. [1, 1, 1]
                     True is ordinary decoding; EPIC's lookahead runs a token tree through it.
 
@@ -27,13 +36,13 @@ Per layer (opset 23):
 
     SkipSimplifiedLayerNormalization (residual add + RMSNorm, com.microsoft; RMSNormalization for layer 0)
     MatMul [q|k|v] -> Split -> RotaryEmbedding(q), RotaryEmbedding(k)   (cos/sin tables indexed by position_ids)
-    Attention (ONNX opset 23: GQA, past/present concat, one boolean mask [batch, 1, seq, past+seq]
-               = padding AND causal (offset by the past length) AND tree_mask; a fully masked row is
-               a zero row, never NaN)
+    GroupQueryAttention (com.microsoft; causal, plus an additive bias [batch, 1, seq, past+seq] that
+               is 0 where padding AND causal AND tree_mask allow a key and -1e30 elsewhere, so a
+               fully masked row is uniform, never NaN)
     MatMul o -> SkipSimplifiedLayerNormalization
     MatMul [gate|up] -> Split -> Sigmoid -> Mul -> Mul -> MatMul down
 
-The attention mask is turned into a boolean [batch, 1, seq, total] tensor once, at the top; the
+The attention bias and GroupQueryAttention's lengths are computed once, at the top; the
 rotary tables are initializers of [max_position_embeddings, head_dim / 2] (computed in float64
 from the model's own inv_freq, so they also survive an fp16 conversion without the phase error
 of computing angles in fp16). A tied lm_head reads the embedding matrix through a transposed
@@ -54,6 +63,8 @@ OPSET = 23
 MS_DOMAIN = "com.microsoft"
 _MAX_PROTO_BYTES = 1_800_000_000  # above this the weights go to `<name>.data` (protobuf's limit is 2 GB)
 _SUPPORTED_TYPES = {"llama", "mistral"}
+KV_CACHE_KEY, KV_CACHE_SHARED = "epic_ort.kv_cache", "shared_buffer"  # model metadata: see the module docstring
+MASKED_SCORE = -1e30  # added to a masked key's score: finite, so a fully masked row is uniform, never NaN
 
 
 def supports(config: Any) -> str | None:
@@ -165,7 +176,7 @@ def build_llama_onnx(hf_model: Any, path: Path, opset: int = OPSET) -> None:
     max_pos = int(config.max_position_embeddings)
 
     g = _Graph()
-    B, S, P, T = "batch_size", "sequence_length", "past_sequence_length", "past_sequence_length + sequence_length"
+    B, S, P, T = "batch_size", "sequence_length", "capacity", "past_length + sequence_length"
     f32, i64, boolean = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
     q_size, kv_size = heads * head_dim, kv_heads * head_dim
     inter = int(config.intermediate_size)
@@ -186,8 +197,8 @@ def build_llama_onnx(hf_model: Any, path: Path, opset: int = OPSET) -> None:
     pad = g.op("Unsqueeze", "mask/pad", [pad, g.const("mask/axes_12", [1, 2], np.int64)], [[B, 1, 1, T]],
                dtype=boolean)
     zero, one = g.const("mask/zero", 0, np.int64), g.const("mask/one", 1, np.int64)
-    total = g.op("Squeeze", "mask/total", [g.op("Shape", "mask/total_1d", ["attention_mask"], [[1]], dtype=i64,
-                                                  start=1, end=2)], [[]], dtype=i64)
+    total_1d = g.op("Shape", "mask/total_1d", ["attention_mask"], [[1]], dtype=i64, start=1, end=2)
+    total = g.op("Squeeze", "mask/total", [total_1d], [[]], dtype=i64)
     seq = g.op("Squeeze", "mask/seq", [g.op("Shape", "mask/seq_1d", ["input_ids"], [[1]], dtype=i64,
                                               start=1, end=2)], [[]], dtype=i64)
     keys = g.op("Range", "mask/keys", [zero, total, one], [[T]], dtype=i64)
@@ -200,6 +211,18 @@ def build_llama_onnx(hf_model: Any, path: Path, opset: int = OPSET) -> None:
                 [["tree_batch", 1, "tree_queries", "tree_keys"]], dtype=boolean)
     mask = g.op("And", "mask/pad_causal", [pad, causal], [[B, 1, Q, T]], dtype=boolean)
     mask = g.op("And", "mask/all", [mask, tree], [[B, 1, Q, T]], dtype=boolean)
+    bias = g.op("Where", "mask/bias", [mask, g.const("mask/open", 0.0, np.float32),
+                                       g.const("mask/shut", MASKED_SCORE, np.float32)], [[B, 1, Q, T]])
+    # GroupQueryAttention's lengths: every row has `total` slots (left padding is masked by the bias),
+    # so each row's new keys land at slots total - seq ... total - 1 of its cache buffer.
+    i32 = TensorProto.INT32
+    rows = g.op("Shape", "mask/rows", ["attention_mask"], [[1]], dtype=i64, start=0, end=1)
+    total_i32 = g.op("Cast", "mask/total_i32", [total_1d], [[1]], dtype=i32, to=i32)
+    total_len = g.op("Squeeze", "mask/total_len", [total_i32], [[]], dtype=i32)
+    last = g.op("Sub", "mask/last_slot", [total_i32, g.const("mask/one_i32", [1], np.int32)], [[1]], dtype=i32)
+    seqlens_k = g.op("Expand", "mask/seqlens_k", [last, rows], [[B]], dtype=i32)
+    seq_i32 = g.op("Cast", "mask/seq_i32", [seq], [[]], dtype=i32, to=i32)
+    query_lens = g.op("Expand", "mask/query_lens", [seq_i32, rows], [[B]], dtype=i32)
     inv_freq = _inv_freq(hf_model, config, head_dim)
     angles = np.arange(max_pos, dtype=np.float64)[:, None] * inv_freq.astype(np.float64)[None, :]
     cos = g.const("rotary.cos", np.cos(angles), np.float32)  # [max_positions, head_dim / 2]
@@ -219,11 +242,13 @@ def build_llama_onnx(hf_model: Any, path: Path, opset: int = OPSET) -> None:
         q = g.op("RotaryEmbedding", n + "rotary_q", [q, cos, sin, "position_ids"], [[B, S, q_size]], num_heads=heads)
         k = g.op("RotaryEmbedding", n + "rotary_k", [k, cos, sin, "position_ids"], [[B, S, kv_size]],
                  num_heads=kv_heads)
-        attn = g.op("Attention", n + "attention",
-                    [q, k, v, mask, f"past_key_values.{i}.key", f"past_key_values.{i}.value"],
-                    [[B, S, q_size], [B, kv_heads, T, head_dim], [B, kv_heads, T, head_dim]],
-                    outputs=[n + "attention/out0", f"present.{i}.key", f"present.{i}.value"],
-                    q_num_heads=heads, kv_num_heads=kv_heads, is_causal=0, scale=float(head_dim) ** -0.5)[0]
+        attn = g.op("GroupQueryAttention", n + "attention",
+                    [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len,
+                     "", "", "", bias, "", "", "", "", "", query_lens],
+                    [[B, S, q_size], [B, kv_heads, "present_length", head_dim],
+                     [B, kv_heads, "present_length", head_dim]],
+                    outputs=[n + "attention/out0", f"present.{i}.key", f"present.{i}.value"], domain=MS_DOMAIN,
+                    num_heads=heads, kv_num_heads=kv_heads, scale=float(head_dim) ** -0.5)[0]
         o = g.op("MatMul", n + "o_proj", [attn, linear(p + "self_attn.o_proj.weight")], [bse])
         gamma = g.const(p + "post_attention_layernorm.weight", w[p + "post_attention_layernorm.weight"])
         normed, h = g.op("SkipSimplifiedLayerNormalization", n + "post_attention_norm", [o, h, gamma],
@@ -239,30 +264,31 @@ def build_llama_onnx(hf_model: Any, path: Path, opset: int = OPSET) -> None:
         normed, h = g.op("SkipSimplifiedLayerNormalization", "final_norm" if last else f"layers.{i + 1}/input_norm",
                          [down, h, g.const(name, w[name])], [bse, None, None, bse], domain=MS_DOMAIN, epsilon=eps)[::3]
 
-    # Only the last `logits_to_keep` positions reach the lm_head (0 keeps all): a prefill of
-    # 8 x 512 tokens would otherwise compute (and hold) 8 x 512 x vocab logits to use 8 rows.
-    L = "logits_sequence_length"
-    start = g.op("Neg", "lm_head/start", ["logits_to_keep"], [[1]], dtype=i64)
-    normed = g.op("Slice", "lm_head/keep", [normed, start, g.const("lm_head/end", [2**63 - 1], np.int64),
-                                            g.const("lm_head/axis", [1], np.int64)], [[B, L, hidden]])
+    # Only the positions listed in `logits_index` reach the lm_head: a prefill of 8 x 512 tokens
+    # would otherwise compute (and hold) 8 x 512 x vocab logits to use 8 rows, and EPIC's token
+    # trees would pay for the padding of their narrower rows.
+    N = "logits_count"
+    flat = g.op("Reshape", "lm_head/flatten", [normed, g.const("lm_head/rows_hidden", [-1, hidden], np.int64)],
+                [[f"{B} * {S}", hidden]])
+    picked = g.op("Gather", "lm_head/pick", [flat, "logits_index"], [[N, hidden]], axis=0)
     if tied:  # the embedding matrix [vocab, hidden] read transposed: stored once
-        g.op("FusedMatMul", "lm_head", [normed, "model.embed_tokens.weight"], [[B, L, vocab]], outputs=["logits"],
+        g.op("FusedMatMul", "lm_head", [picked, "model.embed_tokens.weight"], [[N, vocab]], outputs=["logits"],
              domain=MS_DOMAIN, transA=0, transB=1, alpha=1.0)
     else:
-        g.op("MatMul", "lm_head", [normed, linear("lm_head.weight")], [[B, L, vocab]], outputs=["logits"])
+        g.op("MatMul", "lm_head", [picked, linear("lm_head.weight")], [[N, vocab]], outputs=["logits"])
 
     def io(name: str, elem: int, dims: list[Any]) -> Any:
         return helper.make_tensor_value_info(name, elem, dims)
 
     inputs = [io("input_ids", i64, [B, S]), io("attention_mask", i64, [B, T]), io("position_ids", i64, [B, S]),
-              io("logits_to_keep", i64, [1]), io("tree_mask", boolean, ["tree_batch", "tree_queries", "tree_keys"])]
+              io("logits_index", i64, [N]), io("tree_mask", boolean, ["tree_batch", "tree_queries", "tree_keys"])]
     for i in range(layers):
         for kind in ("key", "value"):
             inputs.append(io(f"past_key_values.{i}.{kind}", f32, [B, kv_heads, P, head_dim]))
-    outputs = [io("logits", f32, [B, L, vocab])]
+    outputs = [io("logits", f32, [N, vocab])]
     for i in range(layers):
         for kind in ("key", "value"):
-            outputs.append(io(f"present.{i}.{kind}", f32, [B, kv_heads, T, head_dim]))
+            outputs.append(io(f"present.{i}.{kind}", f32, [B, kv_heads, "present_length", head_dim]))
 
     io_names = {v.name for v in inputs + outputs}
     graph = helper.make_graph(g.nodes, "epic_ort_lean_llama", inputs, outputs,
@@ -272,6 +298,7 @@ def build_llama_onnx(hf_model: Any, path: Path, opset: int = OPSET) -> None:
         opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, 1)],
         producer_name="epic_ort.export.llama_graph",
     )
+    helper.set_model_props(model, {KV_CACHE_KEY: KV_CACHE_SHARED})
     _save(model, g.weights, path)
     onnx.checker.check_model(str(path))
 

@@ -21,6 +21,10 @@ from .manifest import MANIFEST_NAME, Manifest, read_manifest
 from .providers import device_of, resolve_providers
 
 _ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+# Model metadata of graphs whose attention writes the new keys/values into the past buffers
+# themselves when the present outputs are bound to them (ORT's GroupQueryAttention): the cache
+# is then one set of buffers, appended in place, instead of a new concatenated copy per step.
+KV_CACHE_KEY, KV_CACHE_SHARED = "epic_ort.kv_cache", "shared_buffer"
 
 
 @dataclass(frozen=True)
@@ -33,13 +37,16 @@ class GraphSpec:
     past_names: tuple[str, ...]
     present_names: tuple[str, ...]
     logits: str
-    logits_to_keep: str | None  # lean graphs only: how many trailing positions get logits (0: all)
+    logits_index: str | None  # lean graphs: which positions get logits (flat row * T + position)
+    logits_to_keep: str | None  # lean graphs exported before logits_index: trailing positions with logits
     tree_mask: str | None  # lean graphs only: which keys each new token sees (token trees for EPIC)
+    shared_kv: bool  # lean graphs only: past and present may be one buffer, written in place
     num_layers: int
     num_kv_heads: int
     head_dim: int
     vocab_size: int | None
     kv_dtype: Any
+    logits_dtype: Any
 
     @classmethod
     def from_session(cls, session: Any) -> "GraphSpec":
@@ -66,13 +73,16 @@ class GraphSpec:
             past_names=past,
             present_names=present,
             logits="logits",
+            logits_index="logits_index" if "logits_index" in inputs else None,
             logits_to_keep="logits_to_keep" if "logits_to_keep" in inputs else None,
             tree_mask="tree_mask" if "tree_mask" in inputs else None,
+            shared_kv=session.get_modelmeta().custom_metadata_map.get(KV_CACHE_KEY) == KV_CACHE_SHARED,
             num_layers=len(past) // 2,
             num_kv_heads=heads,
             head_dim=head_dim,
             vocab_size=vocab if isinstance(vocab, int) else None,
             kv_dtype=_ORT_FLOAT.get(inputs[past[0]].type, np.float32),
+            logits_dtype=_ORT_FLOAT.get(outputs["logits"].type, np.float32),
         )
 
 
@@ -82,16 +92,37 @@ def _kv_order(name: str) -> tuple[int, int]:
 
 
 @dataclass
+class BufferWrites:
+    """How far a set of cache buffers has been written, shared by all caches on those buffers,
+    and whether what lies past a cache's length is scratch (EPIC's token trees) or a real
+    continuation of it."""
+
+    end: int
+    scratch: bool = False
+
+
+@dataclass
 class KVCache:
     """Past keys/values of a batch of rows, all padded on the left to the same length.
 
     `attention_mask` [rows, length] marks real tokens; `next_position` [rows] is the position id
-    the next token of each row gets. The tensors are never mutated: every step makes a new cache.
+    the next token of each row gets. `values` are [rows, kv_heads, capacity, head_dim] with
+    capacity >= length: on graphs that write the cache in place (`CausalLM.kv_in_place`) the slots
+    after `length` are room for the next tokens, so appending copies nothing. A cache's own slots
+    are never written. Continuing a cache a second time (a fork: its room already holds another
+    continuation) copies it first, so no continuation is overwritten; scratch may be.
     """
 
-    values: list[Any]  # OrtValues (or NumPy arrays) [rows, kv_heads, length, head_dim]
+    values: list[Any]  # OrtValues (or NumPy arrays) [rows, kv_heads, capacity, head_dim]
     attention_mask: np.ndarray
     next_position: np.ndarray
+    writes: BufferWrites | None = None  # NumPy buffers with room (in-place graphs) only
+
+    @property
+    def room_is_free(self) -> bool:
+        """The slots after this cache's length may be written: nothing continues it there yet."""
+        w = self.writes
+        return w is not None and (w.end <= self.length or w.scratch)
 
     @property
     def rows(self) -> int:
@@ -101,15 +132,53 @@ class KVCache:
     def length(self) -> int:
         return int(self.attention_mask.shape[1])
 
-    def select(self, rows: Sequence[int] | np.ndarray) -> "KVCache":
-        """Gather (and repeat) rows: compaction when rows finish, and the fork that tiles a
-        prefix to many lookahead rows. One gather per tensor, whatever the number of rows."""
+    @property
+    def capacity(self) -> int:
+        v = self.values[0]
+        return int(v.shape[2] if isinstance(v, np.ndarray) else v.shape()[2])
+
+    def tensors(self) -> list[np.ndarray]:
+        """The filled part of each cache tensor, [rows, kv_heads, length, head_dim] (views on the CPU)."""
+        return [as_numpy(v)[:, :, : self.length] for v in self.values]
+
+    def select(self, rows: Sequence[int] | np.ndarray, room: int | None = None) -> "KVCache":
+        """Gather (and repeat) rows into new tensors: one gather per tensor, whatever the number
+        of rows. The copy keeps the room this cache has, or gets `room` free slots. Used for the
+        fork that tiles a prefix to many lookahead rows, and to share one prefill among samples."""
         idx = np.asarray(rows, dtype=np.int64)
-        return KVCache(
-            values=[_take_rows(v, idx) for v in self.values],
-            attention_mask=self.attention_mask[idx],
-            next_position=self.next_position[idx],
-        )
+        capacity = self.capacity if room is None else self.length + room
+        if capacity == self.length == self.capacity:
+            values, writes = [_take_rows(v, idx) for v in self.values], None
+        else:
+            values, writes = _gather_slots(self.values, idx, self.length, capacity), BufferWrites(self.length)
+        return KVCache(values=values, attention_mask=self.attention_mask[idx], next_position=self.next_position[idx],
+                       writes=writes)
+
+    def compacted(self, rows: Sequence[int] | np.ndarray) -> "KVCache":
+        """Rows `rows` (ascending), moved to the front of this cache's own buffers: how the decoding
+        loop drops finished rows without a second copy of the cache. This cache is used up."""
+        idx = np.asarray(rows, dtype=np.int64)
+        if not all(isinstance(v, np.ndarray) for v in self.values) or (idx.size and np.any(np.diff(idx) <= 0)):
+            return self.select(idx)
+        n = self.length
+        for v in self.values:
+            for dst, src in enumerate(idx.tolist()):
+                if dst != src:
+                    v[dst, :, :n] = v[src, :, :n]
+        return KVCache(values=[v[: idx.size] for v in self.values], attention_mask=self.attention_mask[idx],
+                       next_position=self.next_position[idx], writes=self.writes)
+
+    def reserve(self, extra: int, headroom: int = 0, used: int | None = None) -> "KVCache":
+        """Make room for `extra` more tokens after the first `used` slots (default: the length):
+        if there is too little, this cache moves to new NumPy buffers with room for
+        extra + headroom, keeping those slots (a copy; caches that shared the old buffers keep
+        them). Everyone holding this cache then sees the room, e.g. a decoding loop whose cache
+        EPIC's lookahead grew for its trees (`used` then covers the tree so far). Returns the cache."""
+        used = self.length if used is None else used
+        if self.capacity < used + extra or self.writes is None:
+            self.values = _gather_slots(self.values, np.arange(self.rows), used, used + extra + headroom)
+            self.writes = BufferWrites(used, scratch=used > self.length)
+        return self
 
     @staticmethod
     def concat(caches: Sequence["KVCache"]) -> "KVCache":
@@ -119,19 +188,34 @@ class KVCache:
         lengths = {c.length for c in caches}
         if len(lengths) != 1:
             raise ValueError(f"cannot concat caches of lengths {sorted(lengths)}")
+        parts = [c.tensors() for c in caches]
         return KVCache(
-            values=[np.concatenate([as_numpy(c.values[i]) for c in caches]) for i in range(len(caches[0].values))],
+            values=[np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))],
             attention_mask=np.concatenate([c.attention_mask for c in caches]),
             next_position=np.concatenate([c.next_position for c in caches]),
         )
-
-    def nbytes(self) -> int:
-        return sum(as_numpy(v).nbytes for v in self.values)
 
 
 def as_numpy(v: Any) -> np.ndarray:
     """A cache tensor as a NumPy array (an OrtValue is copied to the host)."""
     return v if isinstance(v, np.ndarray) else v.numpy()
+
+
+def _gather_slots(values: Sequence[Any], idx: np.ndarray, slots: int, capacity: int) -> list[np.ndarray]:
+    """Rows idx of each cache tensor, its first `slots` positions, in new buffers of `capacity`."""
+    first = as_numpy(values[0])
+    out = cache_buffers(len(values), (idx.size, first.shape[1], capacity, first.shape[3]), first.dtype)
+    for v, buf in zip(values, out):
+        np.take(as_numpy(v)[:, :, :slots], idx, axis=0, out=buf[:, :, :slots], mode="clip")
+    return out
+
+
+def cache_buffers(count: int, shape: tuple[int, ...], dtype: Any) -> list[np.ndarray]:
+    """`count` uninitialized cache tensors, carved out of one allocation. One large block goes
+    back to the OS when freed; dozens of few-MB arrays would stay in the C heap's free lists (a
+    decoding cache that grew once would keep its old size in RSS for good)."""
+    block = np.empty((count, *shape), dtype=dtype)
+    return list(block)
 
 
 def _take_rows(v: Any, idx: np.ndarray) -> Any:
@@ -222,11 +306,22 @@ class CausalLM:
 
     # -- caches -------------------------------------------------------------------------
 
-    def empty_cache(self, rows: int) -> KVCache:
-        shape = (rows, self.spec.num_kv_heads, 0, self.spec.head_dim)
-        empty = np.zeros(shape, dtype=self.spec.kv_dtype)
+    @property
+    def kv_in_place(self) -> bool:
+        """Each step writes its keys/values into the room of the cache it continues (CPU, lean
+        graphs): one copy of the cache lives, not the past plus a concatenated present. Elsewhere
+        every step returns a new cache tensor from ORT."""
+        return self.spec.shared_kv and self.device == "cpu"
+
+    def empty_cache(self, rows: int, capacity: int = 0) -> KVCache:
+        """A cache of no tokens, with room for `capacity` (on graphs that write in place)."""
+        capacity = capacity if self.kv_in_place else 0
+        shape = (rows, self.spec.num_kv_heads, capacity, self.spec.head_dim)
+        values = cache_buffers(len(self.spec.past_names), shape, self.spec.kv_dtype) if capacity else \
+            [np.zeros(shape, dtype=self.spec.kv_dtype)] * len(self.spec.past_names)
         return KVCache(
-            values=[empty] * len(self.spec.past_names),
+            values=values,
+            writes=BufferWrites(0) if capacity else None,
             attention_mask=np.zeros((rows, 0), dtype=np.int64),
             next_position=np.zeros(rows, dtype=np.int64),
         )
@@ -242,6 +337,8 @@ class CausalLM:
         positions: np.ndarray | None = None,
         tree_mask: np.ndarray | None = None,
         present_buffers: Sequence[np.ndarray] | None = None,
+        logits_at: tuple[np.ndarray, np.ndarray] | None = None,
+        scratch: bool = False,
     ) -> tuple[np.ndarray, KVCache]:
         """Run new tokens [rows, T] on top of `cache`; return logits and the extended cache.
 
@@ -249,9 +346,16 @@ class CausalLM:
         ids follow transformers' generate(): cumulative count of real tokens minus one, padding set
         to 1, unless `positions` [rows, T] gives them. `tree_mask` [rows, T, length + T] (bool)
         restricts which keys each new token sees (graphs with `supports_trees` only).
-        `present_buffers` (flat arrays, one per cache tensor, from `KVBuffers`): ORT writes the new
-        cache into them instead of allocating it (CPU only; a buffer too small is ignored).
-        Logits are float32 [rows, V] (last position) or [rows, T, V] with last_only=False.
+        With `kv_in_place` the new keys/values go into the room after `cache.length` and the
+        result shares the buffers of `cache`. A cache without room for T first moves to bigger
+        buffers (with some to spare, so a decoding loop grows now and then, not every step); one
+        whose room holds another continuation already is copied first (a fork). `scratch`: the
+        tokens are a lookahead's, which the next continuation of `cache` may overwrite.
+        Otherwise `present_buffers` (flat arrays, one per cache tensor, from `KVBuffers`) receive
+        the new cache instead of ORT's allocator (CPU only; a buffer too small is ignored).
+        Logits are float32 [rows, V] (last position), [rows, T, V] with last_only=False, or
+        [n, V] at the n (row, position) pairs of `logits_at` (graphs with `logits_index` compute
+        only those; others compute all and pick).
         """
         import onnxruntime as ort
 
@@ -267,6 +371,13 @@ class CausalLM:
         positions = positions.astype(np.int64)
         if tree_mask is not None and not self.spec.tree_mask:
             raise ValueError("this graph takes no tree_mask (export with --graph lean)")
+        in_place = self.kv_in_place
+        if in_place:
+            if cache.room_is_free or cache.writes is None:
+                cache.reserve(t, headroom=max(t, GROWTH_SLOTS))
+            else:
+                cache = cache.select(np.arange(rows), room=t + GROWTH_SLOTS)
+            cache.writes.end, cache.writes.scratch = cache.length + t, scratch  # type: ignore[union-attr]
 
         binding = self.session.io_binding()
         binding.bind_cpu_input(self.spec.input_ids, input_ids)
@@ -277,20 +388,45 @@ class CausalLM:
         if self.spec.tree_mask:
             tree = _NO_TREE if tree_mask is None else np.ascontiguousarray(tree_mask, dtype=bool)
             binding.bind_cpu_input(self.spec.tree_mask, tree)
-        if self.spec.logits_to_keep:
-            binding.bind_cpu_input(self.spec.logits_to_keep, np.array([1 if last_only else 0], dtype=np.int64))
-        for name, value in zip(self.spec.past_names, cache.values):
+        wanted = None  # flat (row * T + position) indices of the logits asked for, or None for all
+        if logits_at is not None:
+            wanted = np.asarray(logits_at[0], dtype=np.int64) * t + np.asarray(logits_at[1], dtype=np.int64)
+        elif last_only:
+            wanted = np.arange(rows, dtype=np.int64) * t + (t - 1)
+        if self.spec.logits_index:
+            index = np.arange(rows * t, dtype=np.int64) if wanted is None else wanted
+            binding.bind_cpu_input(self.spec.logits_index, np.ascontiguousarray(index))
+            logits_shape = [index.size, self.vocab_size]
+        elif self.spec.logits_to_keep:  # lean exports before logits_index
+            keep = 1 if wanted is not None and logits_at is None else 0
+            binding.bind_cpu_input(self.spec.logits_to_keep, np.array([keep], dtype=np.int64))
+            logits_shape = [rows, keep or t, self.vocab_size]
+        else:
+            logits_shape = [rows, t, self.vocab_size]
+        past_values = cache.values if in_place or cache.capacity == cache.length else cache.tensors()
+        for name, value in zip(self.spec.past_names, past_values):
             if isinstance(value, np.ndarray):
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
             else:
                 binding.bind_ortvalue_input(name, value)
-        binding.bind_output(self.spec.logits, "cpu")
+        logits_out = None
+        if self.device == "cpu" and self.spec.vocab_size:
+            # a NumPy buffer, not ORT's arena: the arena would keep the largest logits ever made
+            # (EPIC's trees: up to ~100 MB) for the rest of the session
+            logits_out = np.empty(logits_shape, dtype=self.spec.logits_dtype)
+            binding.bind_output(self.spec.logits, "cpu", 0, logits_out.dtype, logits_shape, logits_out.ctypes.data)
+        else:
+            binding.bind_output(self.spec.logits, "cpu")
         shape = (rows, self.spec.num_kv_heads, cache.length + t, self.spec.head_dim)
         size = int(np.prod(shape))
         views: list[np.ndarray | None] = []
         for i, name in enumerate(self.spec.present_names):
             buf = present_buffers[i] if present_buffers is not None and self.device == "cpu" else None
-            if buf is not None and buf.size >= size:
+            if in_place:
+                past = cache.values[i]
+                binding.bind_output(name, "cpu", 0, past.dtype, list(past.shape), past.ctypes.data)
+                views.append(past)
+            elif buf is not None and buf.size >= size:
                 view = buf[:size].reshape(shape)
                 binding.bind_output(name, "cpu", 0, view.dtype, list(shape), view.ctypes.data)
                 views.append(view)
@@ -300,8 +436,13 @@ class CausalLM:
         self.session.run_with_iobinding(binding)
         self.calls.add(rows, rows * t)
         outputs = binding.get_outputs()
-        logits = outputs[0].numpy()
-        if last_only:
+        logits = outputs[0].numpy() if logits_out is None else logits_out
+        if self.spec.logits_index:
+            if wanted is None:
+                logits = logits.reshape(rows, t, -1)
+        elif logits_at is not None:
+            logits = logits[logits_at[0], logits_at[1]]
+        elif last_only:
             logits = logits[:, -1, :]
         if logits.dtype != np.float32:
             logits = logits.astype(np.float32)
@@ -310,6 +451,7 @@ class CausalLM:
             values=[v if v is not None else o for v, o in zip(views, outputs[1:])],
             attention_mask=mask,
             next_position=cache.next_position + input_mask.sum(axis=1),
+            writes=cache.writes if in_place else None,
         )
         return logits, new_cache
 
@@ -319,10 +461,11 @@ class CausalLM:
         prefix cache between all candidates instead of copying it to each."""
         return self.spec.tree_mask is not None
 
-    def prefill(self, token_rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, KVCache]:
-        """Left-pad the rows to one length and run them at once; logits of each row's last token."""
+    def prefill(self, token_rows: Sequence[Sequence[int]], room: int = 0) -> tuple[np.ndarray, KVCache]:
+        """Left-pad the rows to one length and run them at once; logits of each row's last token.
+        `room`: tokens the cache should have space for after the prompt (decoding length)."""
         ids, mask = left_pad(token_rows, pad_id=self.manifest.pad_token_id or 0)
-        return self.forward(ids, self.empty_cache(len(token_rows)), mask)
+        return self.forward(ids, self.empty_cache(len(token_rows), ids.shape[1] + room), mask)
 
     def step(self, tokens: np.ndarray, cache: KVCache, present_buffers: Sequence[np.ndarray] | None = None
              ) -> tuple[np.ndarray, KVCache]:
@@ -365,7 +508,7 @@ class KVBuffers:
     def __init__(self, model: "CausalLM", rows: int, max_length: int):
         size = rows * model.spec.num_kv_heads * max_length * model.spec.head_dim
         n = len(model.spec.present_names)
-        self._sets = [[np.empty(size, dtype=model.spec.kv_dtype) for _ in range(n)] for _ in range(2)]
+        self._sets = [cache_buffers(n, (size,), model.spec.kv_dtype) for _ in range(2)]
         self._turn = 0
 
     def next(self) -> list[np.ndarray]:
@@ -373,6 +516,7 @@ class KVBuffers:
         return self._sets[self._turn]
 
 
+GROWTH_SLOTS = 64  # room added when an in-place cache runs out, beyond what the step needs
 _NO_TREE = np.ones((1, 1, 1), dtype=bool)  # broadcast: padding and causality alone
 
 

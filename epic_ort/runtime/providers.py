@@ -43,6 +43,8 @@ def trt_profile_shapes(
             return f"{name}:{batch}x{past + seq}"
         if name == "tree_mask":
             return f"{name}:{batch}x{seq}x{past + seq}"
+        if name == "logits_index":
+            return f"{name}:{batch * seq}"
         return f"{name}:{batch}x{seq}"
 
     static = {"logits_to_keep"}  # shape [1]: TensorRT wants profiles for dynamic inputs only
