@@ -74,18 +74,20 @@ def test_trees_in_the_cache_room_spread_wide_rows_over_calls(tiny_llama, monkeyp
     wide_tokens, wide_log = _run(tiny_llama, 1 << 30)
     monkeypatch.setattr(la, "COPY_BUDGET_BYTES", 0)
     chunks = []
-    real = sp.EpicChooser._chunk_starts
+    real = sp.EpicChooser._chunks
 
     def spy(self, model, cache, parents):
-        starts = real(self, model, cache, parents)
+        calls = real(self, model, cache, parents)
         fits = (cache.capacity - cache.length) // (1 + self.rollouts * (self.horizon - 1))
-        for lo, hi in zip(starts, starts[1:] + [len(parents)]):
-            per_row = np.bincount(parents[lo:hi])
-            assert per_row.max() <= fits
-            chunks.append(hi - lo)
-        return starts
+        assert sorted(np.concatenate(calls).tolist()) == list(range(len(parents)))  # each candidate once
+        most = np.bincount(parents).max()
+        assert len(calls) == -(-most // fits)  # as few calls as the widest row needs
+        for idx in calls:
+            assert np.bincount(np.asarray(parents)[idx]).max() <= fits
+            chunks.append(idx.size)
+        return calls
 
-    monkeypatch.setattr(sp.EpicChooser, "_chunk_starts", spy)
+    monkeypatch.setattr(sp.EpicChooser, "_chunks", spy)
     narrow_tokens, narrow_log = _run(tiny_llama, 1 << 30, scratch=8 * 5)  # room for 8 candidates' trees
     assert narrow_tokens == wide_tokens
     assert len(chunks) > len(narrow_log)  # some rounds were split

@@ -24,7 +24,6 @@ prompt) evaluate each shared candidate once.
 from __future__ import annotations
 
 import math
-from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -127,40 +126,40 @@ class EpicChooser:
             if not tokens:
                 break
             uniforms = np.stack([self.rollout_uniforms(states[p].seed, t) for p, t in zip(parents, tokens)])
-            starts = self._chunk_starts(model, cache, parents)
-            ends = starts[1:] + [len(tokens)]
-            results = [
-                lookahead_entropy(model, cache, parents[lo:hi], tokens[lo:hi], uniforms[lo:hi], self.horizon,
-                                  self.processors, keep=self._pruner(rows, states, parents[lo:hi], tokens[lo:hi])
-                                  if rounds == 0 else None)
-                for lo, hi in zip(starts, ends)
-            ]
-            rounds += 1  # only the first round stops rollouts early: later rounds hold candidates that are needed
-            h = np.concatenate([res.entropy for res in results])
-            lower = np.concatenate([res.lower for res in results])
-            terms = np.concatenate([res.terms for res in results])
-            done = np.concatenate([res.complete for res in results])
-            token_cost = np.concatenate([res.candidate_tokens for res in results])
             log_v = math.log(vocab)
-            for i, cands, slots in per_row:
-                st = states[i]
-                full = done[slots]
-                st.search.update(cands[full], h[slots][full])
-                part = np.asarray(slots)[~full]
-                if part.size:  # Ĥ = computed terms + the rest, each rest term in [0, log|V|]
-                    st.search.tighten(cands[~full], lower[part], lower[part] + (self.horizon - terms[part]) * log_v)
-                st.evals += int(full.sum())
-                st.skipped += int(part.size)
-                st.lookahead_tokens += int(token_cost[slots].sum())
-                st.calls += sum(results[c].calls for c in {bisect_right(starts, j) - 1 for j in slots})
-                hit = np.flatnonzero(cands == st.search.best_token)
-                if hit.size:  # the best can only have changed to a candidate of this round
-                    j = slots[int(hit[0])]
-                    c = bisect_right(starts, j) - 1
-                    res, k = results[c], j - starts[c]
-                    # keep only the best's state: the round's caches are freed before the next round
-                    st.winner = (res.first_logits[k].copy(), branch(res.first_cache, k), float(res.first_entropy[k]))
-            del results
+            parents_a, tokens_a = np.asarray(parents), np.asarray(tokens)
+            for idx in self._chunks(model, cache, parents):
+                # one call after the other, each fed to the searches before the next call's
+                # pruner looks at them (it stops more rollouts knowing a better best)
+                p_c, t_c = parents_a[idx].tolist(), tokens_a[idx].tolist()
+                res = lookahead_entropy(model, cache, p_c, t_c, uniforms[idx], self.horizon, self.processors,
+                                        keep=self._pruner(rows, states, p_c, t_c) if rounds == 0 else None)
+                pos = np.full(len(tokens), -1)
+                pos[idx] = np.arange(idx.size)
+                for i, cands, slots in per_row:
+                    here = [(tok, int(pos[j])) for tok, j in zip(cands.tolist(), slots) if pos[j] >= 0]
+                    if not here:
+                        continue
+                    st = states[i]
+                    toks = np.array([tok for tok, _ in here], dtype=np.int64)
+                    at = np.array([k for _, k in here], dtype=np.int64)
+                    full = res.complete[at]
+                    st.search.update(toks[full], res.entropy[at][full])
+                    part = at[~full]
+                    if part.size:  # Ĥ = computed terms + the rest, each rest term in [0, log|V|]
+                        st.search.tighten(toks[~full], res.lower[part],
+                                          res.lower[part] + (self.horizon - res.terms[part]) * log_v)
+                    st.evals += int(full.sum())
+                    st.skipped += int(part.size)
+                    st.lookahead_tokens += int(res.candidate_tokens[at].sum())
+                    st.calls += res.calls
+                    hit = np.flatnonzero(toks == st.search.best_token)
+                    if hit.size:  # the best can only have changed to a candidate of this call
+                        k = int(at[hit[0]])
+                        # keep only the best's state: the call's caches are freed before the next one
+                        st.winner = (res.first_logits[k].copy(), branch(res.first_cache, k), float(res.first_entropy[k]))
+                del res
+            rounds += 1  # only the first round stops rollouts early: later rounds hold candidates that are needed
 
         chosen = np.array([st.search.best_token for st in states], dtype=np.int64)
         if self.step_log is not None:
@@ -212,39 +211,43 @@ class EpicChooser:
 
         return keep
 
-    def _chunk_starts(self, model: CausalLM, cache: KVCache, parents: list[int]) -> list[int]:
-        """Split a round's candidates into lookahead calls whose forked KV cache stays within
-        `kv_budget_bytes`, cutting between batch rows where possible so that a row usually takes
-        part in one call per depth. Long prefixes mean fewer candidates per call. A token tree
-        does not copy the prefix per candidate: one call. Except on graphs that write in place
-        when the cache is too long to copy (see `copy_budget_slots`): the trees then run in the
-        decoding cache's own room, and a row whose tree could outgrow it spreads its candidates
-        over calls (growing the cache would hold two copies of it for a moment)."""
+    def _chunks(self, model: CausalLM, cache: KVCache, parents: list[int]) -> list[np.ndarray]:
+        """Split a round's candidates (indices, ascending) into lookahead calls.
+
+        Forked rows (graphs without token trees): calls whose forked KV cache stays within
+        `kv_budget_bytes`, cut between batch rows where possible so that a row usually takes part
+        in one call per depth; long prefixes mean fewer candidates per call.
+        Token trees do not copy the prefix per candidate: one call. Except on graphs that write in
+        place when the cache is too long to copy (see `copy_budget_slots`): the trees then run in
+        the decoding cache's own room, and a row whose tree could outgrow it spreads its
+        candidates over calls, the first so many of every row in the first call, and so on
+        (growing the cache instead would hold two copies of it for a moment)."""
+        n = len(parents)
         if model.supports_trees:
             per_candidate = 1 + self.rollouts * (self.horizon - 1)  # tree tokens, no rollout stopped
             fits = (cache.capacity - cache.length) // per_candidate
             if not model.kv_in_place or fits < MIN_TREE_CANDIDATES or cache.rows * cache.length <= copy_budget_slots(model):
-                return [0]
-            starts, counts = [0], Counter()
-            for j, p in enumerate(parents):
-                if counts[p] >= fits:
-                    starts.append(j)
-                    counts.clear()
-                counts[p] += 1
-            return starts
+                return [np.arange(n)]
+            p = np.asarray(parents)
+            rank = np.empty(n, dtype=np.int64)  # each candidate's place among its row's
+            for row in np.unique(p):
+                members = np.flatnonzero(p == row)
+                rank[members] = np.arange(members.size)
+            call = rank // fits
+            return [np.flatnonzero(call == c) for c in range(int(call.max()) + 1)]
         layers, heads, dim = model.spec.num_layers, model.spec.num_kv_heads, model.spec.head_dim
         itemsize = np.dtype(model.spec.kv_dtype).itemsize
         per_row = 2 * layers * 2 * heads * dim * itemsize * (cache.length + self.horizon)  # past + present
         cap = max(1, int(self.kv_budget_bytes // (per_row * self.rollouts)))
         starts = [0]
         count = 0
-        for j in range(1, len(parents) + 1):
+        for j in range(1, n + 1):
             count += 1
-            row_ends = j == len(parents) or parents[j] != parents[j - 1]
-            if j < len(parents) and (count >= cap or (row_ends and count + _run_length(parents, j) > cap)):
+            row_ends = j == n or parents[j] != parents[j - 1]
+            if j < n and (count >= cap or (row_ends and count + _run_length(parents, j) > cap)):
                 starts.append(j)
                 count = 0
-        return starts
+        return [np.arange(lo, hi) for lo, hi in zip(starts, starts[1:] + [n])]
 
 
 def epic_step(
