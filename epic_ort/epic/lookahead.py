@@ -10,8 +10,10 @@ cache are returned so the chosen candidate's next decoding step costs nothing.
 Two ways to lay the rows out, by what the graph can do:
 - a token tree (`model.supports_trees`, the lean export): the candidates, then the rollouts, are
   positions of one model row per batch row, over that row's prefix cache; a tree mask lets each
-  token see the prefix and its own ancestors only. The prefix is neither copied nor duplicated, so
-  a long prompt costs no more memory than in plain decoding.
+  token see the prefix and its own ancestors only. The prefix is not duplicated per candidate.
+  On graphs that write the cache in place the trees are scratch in the room after the decoding
+  cache itself (nothing copied) unless grouping short rows' prefixes into shared units, which
+  copies them, is both cheaper and within `COPY_BUDGET_BYTES`.
 - forked rows (any other graph): the prefix cache is gathered once to the candidate rows, then
   tiled to R rows per candidate.
 

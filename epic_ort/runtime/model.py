@@ -1,9 +1,11 @@
 """An exported causal LM on ONNX Runtime: session, tokenizer, manifest and the KV cache.
 
-The cache is kept as ORT-owned tensors (OrtValues) and handed back to the next step through
-IO binding, so decoding never round-trips the cache through freshly allocated NumPy arrays.
-On the CPU an OrtValue's `.numpy()` is a zero-copy view, which is what makes `KVCache.select`
-(the fork primitive EPIC's lookahead is built on) a single gather per tensor.
+The cache never round-trips through freshly allocated arrays. On the lean graph (CPU) it is one
+set of NumPy buffers with room for the tokens to come: each step binds its present outputs to
+them and the attention writes the new keys/values in place (`CausalLM.kv_in_place`). Other
+graphs, and the GPU, hand ORT's present tensors (OrtValues) back as the next step's past through
+IO binding. Either way `KVCache.select` (the fork primitive EPIC's lookahead is built on) is a
+single gather per tensor.
 """
 
 from __future__ import annotations
