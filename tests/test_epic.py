@@ -222,7 +222,7 @@ def test_token_tree_equals_forked_rows(tiny_llama, monkeypatch, pruned, layout):
     if layout == "split":  # the 30-candidate row takes 5 units of at most 6 candidates (12 rollout tokens)
         monkeypatch.setattr(la, "MAX_UNIT_TOKENS", 12)
     if layout == "in-place":  # no copy allowed: each batch row's tree runs in the room after its own cache
-        monkeypatch.setattr(la, "COPY_BUDGET_BYTES", 0)
+        monkeypatch.setattr(la, "packing_budget", lambda model, parents: 0)
     model = tiny_llama
     assert model.supports_trees
     V = model.vocab_size
@@ -421,3 +421,24 @@ def test_forward_passes_per_token(tiny_llama, peaky_llama):
     # determinism: same seed, different batch size (so different blocks and batches), same tokens
     _, _, again = _cost(tiny_llama, k, 0.5, batch_size=2)
     assert again == tokens
+
+
+def test_packing_budget_lets_one_wide_row_among_many_be_packed(tiny_llama):
+    """Many batch rows, one of them with a wide tree: laying the trees out in the cache's own rows
+    would run every row as wide as that one (padding whose activations cost more than copying
+    the prefixes), so the budget grows to that padding and a packed layout is chosen; with no
+    budget the rows layout is all that is left."""
+    from epic_ort.epic import lookahead as la
+
+    parents = np.array([0] * 100 + list(range(1, 200)))
+    tree_keys = lambda width: width * 2.5  # noqa: E731
+    spec = tiny_llama.spec
+    fixed = la.COPY_BUDGET_BYTES // (len(spec.past_names) * spec.num_kv_heads * spec.head_dim * 4)
+    padding = 200 * 100 - parents.size
+    assert la.packing_budget(tiny_llama, parents) == max(fixed, padding)
+    few = np.repeat(np.arange(8), [4, 25, 5, 16, 11, 2, 5, 19])  # a typical round of 8 rows
+    assert la.packing_budget(tiny_llama, few) == max(fixed, 8 * 25 - few.size)
+    _, _, packed = la._pack_units(parents, 10, 128, tree_keys, cache_rows=200, copy_slots=padding)
+    assert packed.shape[0] < 200 and packed.shape[1] > 1
+    _, _, rows = la._pack_units(parents, 10, 128, tree_keys, cache_rows=200, copy_slots=0)
+    np.testing.assert_array_equal(rows[:, 0], np.arange(200))

@@ -72,7 +72,8 @@ def test_trees_in_the_cache_room_spread_wide_rows_over_calls(tiny_llama, monkeyp
 
     assert tiny_llama.kv_in_place
     wide_tokens, wide_log = _run(tiny_llama, 1 << 30)
-    monkeypatch.setattr(la, "COPY_BUDGET_BYTES", 0)
+    monkeypatch.setattr(la, "packing_budget", lambda model, parents: 0)  # as if the prefixes were long
+    monkeypatch.setattr(sp, "packing_budget", lambda model, parents: 0)
     chunks = []
     real = sp.EpicChooser._chunks
 

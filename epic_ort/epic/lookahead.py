@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..runtime.model import GROWTH_SLOTS, BufferWrites, CausalLM, KVCache, as_numpy, cache_buffers
+from ..runtime.model import BufferWrites, CausalLM, KVCache, as_numpy, cache_buffers, growth_headroom
 from ..sampling.processors import ProcessorList, entropy_and_draws
 
 
@@ -167,7 +167,7 @@ class _TreeRows:
         self.model, self.calls = model, 0
         cap = max(1, min(MAX_UNIT_TOKENS, model.max_positions) // max(rollouts, 1))
         tree_keys = lambda width: width * (1 + rollouts * (horizon - 1)) / 2  # noqa: E731 (mean tree size)
-        copy_slots = copy_budget_slots(model) if model.kv_in_place else None
+        copy_slots = packing_budget(model, parents) if model.kv_in_place else None
         self.cand_unit, self.cand_block, self.unit_parents = _pack_units(
             parents, cache.length, cap, tree_keys, cache.rows if model.kv_in_place else 0, copy_slots)
         self.parents, self.prefix_len = parents, cache.length
@@ -204,7 +204,7 @@ class _TreeRows:
                 tree[unit, col, ancestors[:, a]] = True
         if self.in_prefix and self.cache.capacity < past + width:
             # grow the decoding cache itself, tree so far included, so later steps find the room
-            self.prefix.reserve(width, headroom=max(width, GROWTH_SLOTS), used=past)
+            self.prefix.reserve(width, headroom=growth_headroom(past, width), used=past)
             self.cache = _rows(self.prefix, int(self.unit_parents[0, 0]), units, self.cache.attention_mask,
                                self.cache.next_position)
         logits, self.cache = self.model.forward(ids, self.cache, real, positions=positions, tree_mask=tree,
@@ -231,12 +231,17 @@ class _TreeRows:
         self.row_cand, self.row_path = self.row_cand[mask], self.row_path[mask]  # type: ignore[index]
 
 
-def copy_budget_slots(model: CausalLM) -> int:
-    """How many key positions (all layers' keys and values) COPY_BUDGET_BYTES holds: the most
-    prefix a packed layout may copy on graphs that write in place."""
+def packing_budget(model: CausalLM, parents: np.ndarray | Sequence[int]) -> int:
+    """The most prefix positions a packed layout may copy on graphs that write in place: what
+    COPY_BUDGET_BYTES holds (all layers' keys and values per position), or more when the layout
+    that copies nothing would run even more padding positions (many rows, one wide tree: its
+    activations would cost more memory than the copy)."""
     spec = model.spec
-    return COPY_BUDGET_BYTES // (len(spec.past_names) * spec.num_kv_heads * spec.head_dim
-                                 * np.dtype(spec.kv_dtype).itemsize)
+    slot_bytes = len(spec.past_names) * spec.num_kv_heads * spec.head_dim * np.dtype(spec.kv_dtype).itemsize
+    p = np.asarray(parents, dtype=np.int64)
+    counts = np.bincount(p - p.min())
+    padding = counts.size * int(counts.max()) - p.size
+    return max(COPY_BUDGET_BYTES // slot_bytes, padding)
 
 
 def _pack_units(parents: np.ndarray, prefix_len: int, cap: int, tree_keys: Callable[[int], float],
@@ -308,7 +313,7 @@ def _unit_cache(cache: KVCache, unit_parents: np.ndarray, room: int) -> tuple[KV
     lo = int(unit_parents[0, 0])
     in_order = blocks == 1 and np.array_equal(unit_parents[:, 0], np.arange(lo, lo + units))
     if in_order and room and (cache.room_is_free or cache.writes is None):
-        cache.reserve(room, headroom=max(room, GROWTH_SLOTS))
+        cache.reserve(room, headroom=growth_headroom(cache.length, room))
         return _rows(cache, lo, units, cache.attention_mask[lo:lo + units], cache.next_position[lo:lo + units]), True
     if in_order and units == cache.rows:
         return cache, False

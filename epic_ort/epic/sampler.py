@@ -35,7 +35,7 @@ from ..runtime.model import CausalLM, KVCache
 from ..sampling.processors import ProcessorList, log_softmax
 from ..sampling.sample import gumbel
 from .lazy import LazySearch
-from .lookahead import Branch, branch, copy_budget_slots, lookahead_entropy, merge_branches
+from .lookahead import Branch, branch, lookahead_entropy, merge_branches, packing_budget
 
 
 @dataclass
@@ -218,7 +218,7 @@ class EpicChooser:
         `kv_budget_bytes`, cut between batch rows where possible so that a row usually takes part
         in one call per depth; long prefixes mean fewer candidates per call.
         Token trees do not copy the prefix per candidate: one call. Except on graphs that write in
-        place when the cache is too long to copy (see `copy_budget_slots`): the trees then run in
+        place when the rows' prefixes are too long to copy (see `packing_budget`): the trees then run in
         the decoding cache's own room, and a row whose tree could outgrow it spreads its
         candidates over calls, the first so many of every row in the first call, and so on
         (growing the cache instead would hold two copies of it for a moment)."""
@@ -226,9 +226,10 @@ class EpicChooser:
         if model.supports_trees:
             per_candidate = 1 + self.rollouts * (self.horizon - 1)  # tree tokens, no rollout stopped
             fits = (cache.capacity - cache.length) // per_candidate
-            if not model.kv_in_place or fits < MIN_TREE_CANDIDATES or cache.rows * cache.length <= copy_budget_slots(model):
-                return [np.arange(n)]
             p = np.asarray(parents)
+            if not model.kv_in_place or fits < MIN_TREE_CANDIDATES or \
+                    np.unique(p).size * cache.length <= packing_budget(model, p):  # packing may copy them
+                return [np.arange(n)]
             rank = np.empty(n, dtype=np.int64)  # each candidate's place among its row's
             for row in np.unique(p):
                 members = np.flatnonzero(p == row)

@@ -376,9 +376,9 @@ class CausalLM:
         in_place = self.kv_in_place
         if in_place:
             if cache.room_is_free or cache.writes is None:
-                cache.reserve(t, headroom=max(t, GROWTH_SLOTS))
+                cache.reserve(t, headroom=growth_headroom(cache.length, t))
             else:
-                cache = cache.select(np.arange(rows), room=t + GROWTH_SLOTS)
+                cache = cache.select(np.arange(rows), room=t + growth_headroom(cache.length, t))
             cache.writes.end, cache.writes.scratch = cache.length + t, scratch  # type: ignore[union-attr]
 
         binding = self.session.io_binding()
@@ -518,7 +518,14 @@ class KVBuffers:
         return self._sets[self._turn]
 
 
-GROWTH_SLOTS = 64  # room added when an in-place cache runs out, beyond what the step needs
+def growth_headroom(length: int, need: int) -> int:
+    """Room to add, beyond the `need` slots a step takes, when an in-place cache runs out: a
+    quarter of its length (geometric growth, so a cache grown step by step is copied O(log n)
+    times) and at least `need` again. Not a fixed number of slots: a fork of 1,000 short rows
+    would pay for it 1,000 times."""
+    return max(need, length // 4)
+
+
 _NO_TREE = np.ones((1, 1, 1), dtype=bool)  # broadcast: padding and causality alone
 
 
