@@ -180,6 +180,7 @@ def worker_epic_ort(args: argparse.Namespace) -> dict[str, Any]:
 
         def __init__(self, inner):
             self.inner, self.steps, self.row_steps = inner, 0, []
+            self.cache_scratch = getattr(inner, "cache_scratch", 0)  # room EPIC's trees need in the cache
 
         def __call__(self, model, rows, logits, scores, cache) -> StepResult:
             res = self.inner(model, rows, logits, scores, cache)

@@ -116,6 +116,11 @@ class StepResult:
 
 
 class TokenChooser(Protocol):
+    """Picks each active row's next token. A chooser that runs the model on scratch tokens after
+    the cache (EPIC's token trees) says how many positions per row it wants kept free in an
+    optional `cache_scratch` attribute (wrappers must pass it on); the decoding loop then sizes
+    the cache for prompt + new tokens + that, so the cache does not have to grow mid-generation."""
+
     def __call__(
         self, model: CausalLM, rows: Sequence[Row], logits: np.ndarray, scores: np.ndarray, cache: KVCache
     ) -> StepResult: ...
