@@ -12,6 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .processors import entropy_and_draws
+
 
 def sample_rng(seed: int, prompt_index: int, sample_index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(prompt_index), int(sample_index)])
@@ -32,14 +34,19 @@ def probs_from_scores(scores: np.ndarray) -> np.ndarray:
 
 
 def sample_categorical(scores: np.ndarray, rngs: Sequence[np.random.Generator]) -> np.ndarray:
-    """One draw per row from softmax(scores) by inverse CDF: one uniform from each row's stream."""
+    """One draw per row from softmax(scores) by inverse CDF: one uniform from each row's stream.
+    The draw is `processors.entropy_and_draws`' (float32 weights, float64 running sums over blocks
+    of tokens), which equals `inverse_cdf(probs_from_scores(scores), u)` up to a u on a rounding
+    boundary, at a quarter of the time: at batch 8 the float64 softmax and cumsum were ~10% of a
+    decoding step."""
     u = np.array([rng.random() for rng in rngs], dtype=np.float64)
-    return inverse_cdf(probs_from_scores(scores), u)
+    return entropy_and_draws(scores, u[:, None])[1][:, 0]  # type: ignore[index]
 
 
 def inverse_cdf(probs: np.ndarray, u: np.ndarray) -> np.ndarray:
     """Row i gets the first token whose cumulative probability exceeds u[i] (u in [0, 1)),
-    vectorized over rows; rounding at the top end never lands on a zero-probability token."""
+    vectorized over rows; rounding at the top end never lands on a zero-probability token.
+    The float64 reference the faster draws are tested against."""
     cdf = np.cumsum(probs, axis=-1)
     idx = (cdf <= (np.asarray(u, dtype=np.float64) * cdf[:, -1])[:, None]).sum(axis=-1)
     idx = np.minimum(idx, probs.shape[-1] - 1)
