@@ -232,10 +232,10 @@ def _decode_batch(
     on_token: OnToken | None,
 ) -> Iterator[Sample]:
     t0 = time.perf_counter()
-    longest = min(max(len(r.prompt_ids) for r in rows) + config.max_new_tokens, model.max_positions)
+    prompt = max(len(r.prompt_ids) for r in rows)
+    longest = min(prompt + config.max_new_tokens, model.max_positions)
     # room for every token to come, plus the scratch a chooser runs through the cache (EPIC's trees)
-    logits, cache = _prefill_rows(model, rows, longest - max(len(r.prompt_ids) for r in rows)
-                                  + int(getattr(chooser, "cache_scratch", 0)))
+    logits, cache = _prefill_rows(model, rows, longest - prompt + int(getattr(chooser, "cache_scratch", 0)))
     for r in rows:
         r.stats = {"prompt_tokens": len(r.prompt_ids)}
     active = list(range(len(rows)))

@@ -312,7 +312,7 @@ def _unit_cache(cache: KVCache, unit_parents: np.ndarray, room: int) -> tuple[KV
     units, blocks = unit_parents.shape
     lo = int(unit_parents[0, 0])
     in_order = blocks == 1 and np.array_equal(unit_parents[:, 0], np.arange(lo, lo + units))
-    if in_order and room and (cache.room_is_free or cache.writes is None):
+    if in_order and room and cache.room_is_free:
         cache.reserve(room, headroom=growth_headroom(cache.length, room))
         return _rows(cache, lo, units, cache.attention_mask[lo:lo + units], cache.next_position[lo:lo + units]), True
     if in_order and units == cache.rows:
@@ -386,7 +386,7 @@ def merge_branches(branches: Sequence[Branch]) -> KVCache:
     if any(not isinstance(b, TreeBranches) or b.prefix is not prefix for b, _ in branches):
         return KVCache.concat([b.select([k]) for b, k in branches])
     rows = np.array([b.parents[k] for b, k in branches], dtype=np.int64)  # type: ignore[union-attr]
-    has_room = prefix.capacity > prefix.length and prefix.room_is_free
+    has_room = prefix.capacity > prefix.length and prefix.writes is not None and prefix.room_is_free
     if not (has_room and np.array_equal(rows, np.arange(prefix.rows))):
         prefix = prefix.select(rows, room=None if prefix.capacity > prefix.length else 1)
     columns = [np.stack([b.columns[t][k] for b, k in branches]) for t in range(len(prefix.values))]  # type: ignore[union-attr]

@@ -59,11 +59,12 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime.model import KV_CACHE_KEY, KV_CACHE_SHARED
+
 OPSET = 23
 MS_DOMAIN = "com.microsoft"
 _MAX_PROTO_BYTES = 1_800_000_000  # above this the weights go to `<name>.data` (protobuf's limit is 2 GB)
 _SUPPORTED_TYPES = {"llama", "mistral"}
-KV_CACHE_KEY, KV_CACHE_SHARED = "epic_ort.kv_cache", "shared_buffer"  # model metadata: see the module docstring
 MASKED_SCORE = -1e30  # added to a masked key's score: finite, so a fully masked row is uniform, never NaN
 
 

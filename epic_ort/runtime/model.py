@@ -122,9 +122,10 @@ class KVCache:
 
     @property
     def room_is_free(self) -> bool:
-        """The slots after this cache's length may be written: nothing continues it there yet."""
+        """Nothing continues this cache in its room yet (true too of tensors that have no room of
+        ours: appending to them copies anyway), so appending need not fork it."""
         w = self.writes
-        return w is not None and (w.end <= self.length or w.scratch)
+        return w is None or w.end <= self.length or w.scratch
 
     @property
     def rows(self) -> int:
@@ -375,7 +376,7 @@ class CausalLM:
             raise ValueError("this graph takes no tree_mask (export with --graph lean)")
         in_place = self.kv_in_place
         if in_place:
-            if cache.room_is_free or cache.writes is None:
+            if cache.room_is_free:
                 cache.reserve(t, headroom=growth_headroom(cache.length, t))
             else:
                 cache = cache.select(np.arange(rows), room=t + growth_headroom(cache.length, t))

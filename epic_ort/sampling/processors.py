@@ -131,12 +131,22 @@ def entropy_and_draws(scores: np.ndarray, uniforms: np.ndarray | None = None) ->
     sums keeps H within ~1e-6 nats of the float64 value. Banned (`-inf`) entries get e = 0: they
     contribute 0 and are never drawn.
     """
+    return _exp_pass(scores, uniforms, want_entropy=True)  # type: ignore[return-value]
+
+
+def draws_from_scores(scores: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """The draws of `entropy_and_draws` alone ([rows, m]), for plain sampling: no entropy pass."""
+    return _exp_pass(scores, uniforms, want_entropy=False)[1]  # type: ignore[return-value]
+
+
+def _exp_pass(scores: np.ndarray, uniforms: np.ndarray | None, want_entropy: bool
+              ) -> tuple[np.ndarray | None, np.ndarray | None]:
     x = np.asarray(scores)
     if len(x) > _ROWS_PER_PASS:  # bound the float32 temporaries: a wide token tree has ~1,000 rows
         cut = range(0, len(x), _ROWS_PER_PASS)
-        parts = [entropy_and_draws(x[i : i + _ROWS_PER_PASS],
-                                   None if uniforms is None else uniforms[i : i + _ROWS_PER_PASS]) for i in cut]
-        h = np.concatenate([p[0] for p in parts])
+        parts = [_exp_pass(x[i : i + _ROWS_PER_PASS], None if uniforms is None else uniforms[i : i + _ROWS_PER_PASS],
+                           want_entropy) for i in cut]
+        h = np.concatenate([p[0] for p in parts]) if want_entropy else None  # type: ignore[misc]
         return h, None if uniforms is None else np.concatenate([p[1] for p in parts])  # type: ignore[misc]
     x = np.asarray(x, dtype=np.float32)
     m = np.max(x, axis=-1, keepdims=True)
@@ -144,9 +154,11 @@ def entropy_and_draws(scores: np.ndarray, uniforms: np.ndarray | None = None) ->
     s = np.subtract(x, m)
     np.maximum(s, np.float32(-200.0), out=s)  # exp(-200) is 0 in float32, and 0 * -200 is 0, not NaN
     e = np.exp(s)
-    z = np.sum(e, axis=-1, dtype=np.float64)
-    z = np.where(z > 0, z, 1.0)
-    h = np.maximum(np.log(z) - np.einsum("...v,...v->...", e, s, dtype=np.float64) / z, 0.0)
+    h = None
+    if want_entropy:
+        z = np.sum(e, axis=-1, dtype=np.float64)
+        z = np.where(z > 0, z, 1.0)
+        h = np.maximum(np.log(z) - np.einsum("...v,...v->...", e, s, dtype=np.float64) / z, 0.0)
     if uniforms is None:
         return h, None
     u = np.asarray(uniforms, dtype=np.float64).reshape(len(x), -1)
