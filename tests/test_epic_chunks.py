@@ -89,7 +89,8 @@ def test_trees_in_the_cache_room_spread_wide_rows_over_calls(tiny_llama, monkeyp
         return calls
 
     monkeypatch.setattr(sp.EpicChooser, "_chunks", spy)
-    narrow_tokens, narrow_log = _run(tiny_llama, 1 << 30, scratch=8 * 5)  # room for 8 candidates' trees
+    monkeypatch.setattr(sp, "MIN_TREE_CANDIDATES", 2)  # so that a few candidates per row already split
+    narrow_tokens, narrow_log = _run(tiny_llama, 1 << 30, scratch=2 * 5)  # room for 2 candidates' trees
     assert narrow_tokens == wide_tokens
     assert len(chunks) > len(narrow_log)  # some rounds were split
     assert sum(c for _, c, _ in narrow_log) > sum(c for _, c, _ in wide_log)

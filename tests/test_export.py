@@ -13,8 +13,9 @@ from epic_ort.export import export
 QUANT_OPS = {"int8": {"MatMulNBits"}, "int8-dynamic": {"MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLinear"}}
 
 
-@pytest.mark.parametrize(
-    "variant,tol", [({"quantize": "int8"}, 0.3), ({"quantize": "int8-dynamic"}, 0.5), ({"dtype": "fp16"}, 2e-2)]
+@pytest.mark.parametrize(  # tolerances relative to the largest logit: the tiny random model's weights
+    # (init range 0.3) are far rougher to quantize than a trained model's
+    "variant,tol", [({"quantize": "int8"}, 0.1), ({"quantize": "int8-dynamic"}, 0.2), ({"dtype": "fp16"}, 5e-3)]
 )
 def test_variant_loads_and_tracks_fp32(tiny_exports, tmp_path, variant, tol):
     out = tmp_path / "variant"
@@ -27,7 +28,7 @@ def test_variant_loads_and_tracks_fp32(tiny_exports, tmp_path, variant, tol):
     a, _ = model.prefill(ids)
     b, _ = ref.prefill(ids)
     assert a.dtype == np.float32
-    assert np.abs(a - b).max() < tol
+    assert np.abs(a - b).max() < tol * np.abs(b).max()
     assert np.abs(a - b).max() > 0  # really a different graph
     if "quantize" in variant:
         import onnx

@@ -36,7 +36,7 @@ def build_hf_model(kind: str, folder: Path, seed: int = 0, init_range: float = 0
     torch.manual_seed(seed)
     if kind == "llama":
         config = LlamaConfig(
-            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            vocab_size=vocab, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2,
             pad_token_id=2, initializer_range=init_range, tie_word_embeddings=False,
         )

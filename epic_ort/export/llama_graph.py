@@ -2,7 +2,7 @@
 
 Optimum's export of a Llama traces the PyTorch code and leaves ~100 small shape ops per layer
 (Shape/Gather/Unsqueeze/Concat/Expand/Where ...) that ONNX Runtime executes on every decoding
-step. This module writes the same model directly from its weights, with ~15 nodes per layer.
+step. This module writes the same model directly from its weights, with ~10 nodes per layer.
 Its inputs and outputs follow the Optimum export (`text-generation-with-past`), with the KV
 cache as buffers that are written in place:
 
@@ -35,10 +35,12 @@ Two inputs of its own:
 Per layer (opset 23):
 
     SkipSimplifiedLayerNormalization (residual add + RMSNorm, com.microsoft; RMSNormalization for layer 0)
-    MatMul [q|k|v] -> Split -> RotaryEmbedding(q), RotaryEmbedding(k)   (cos/sin tables indexed by position_ids)
-    GroupQueryAttention (com.microsoft; causal, plus an additive bias [batch, 1, seq, past+seq] that
+    MatMul [q|k|v]
+    GroupQueryAttention (com.microsoft) on the packed q|k|v: rotary of q and k at position_ids
+               (cos/sin tables; heads narrower than 16 get Split + RotaryEmbedding nodes first),
+               then attention with an additive bias [batch, 1, seq, past+seq] that
                is 0 where padding AND causal AND tree_mask allow a key and -1e30 elsewhere, so a
-               fully masked row is uniform, never NaN)
+               fully masked row is uniform, never NaN
     MatMul o -> SkipSimplifiedLayerNormalization
     MatMul [gate|up] -> Split -> Sigmoid -> Mul -> Mul -> MatMul down
 
@@ -161,8 +163,8 @@ def build_llama_onnx(hf_model: Any, path: Path, opset: int = OPSET) -> None:
     if why:
         raise ValueError(f"cannot build a lean Llama graph: {why}")
     if opset < OPSET or onnx.defs.onnx_opset_version() < opset:
-        raise ValueError(f"the lean Llama graph needs opset >= {OPSET} (Attention, RotaryEmbedding, "
-                         f"RMSNormalization); this onnx {onnx.__version__} knows up to {onnx.defs.onnx_opset_version()}")
+        raise ValueError(f"the lean Llama graph needs opset >= {OPSET} (RMSNormalization); "
+                         f"this onnx {onnx.__version__} knows up to {onnx.defs.onnx_opset_version()}")
     path = Path(path)
     w = _numpy_weights(hf_model)
     tied = _is_tied(w)
@@ -229,6 +231,20 @@ def build_llama_onnx(hf_model: Any, path: Path, opset: int = OPSET) -> None:
     cos = g.const("rotary.cos", np.cos(angles), np.float32)  # [max_positions, head_dim / 2]
     sin = g.const("rotary.sin", np.sin(angles), np.float32)
 
+    # GroupQueryAttention's own rotary needs head_dim % 16 == 0 (every released Llama-family model);
+    # narrower heads (tiny test models) rotate in RotaryEmbedding nodes first: the same numbers
+    fused_rotary = head_dim % 16 == 0
+    if fused_rotary:
+        # GroupQueryAttention wants cos/sin tables at least as long as the keys (past + new), and an
+        # EPIC token tree or a packed lookahead row holds more keys than max_position_embeddings
+        # while no position reaches it (siblings share positions). It reads the tables only at
+        # position_ids (< max positions, <= the key index), so the rows 0 .. keys-1 of the tables
+        # (clipped to the last) serve: a gather of keys x head_dim/2 per call, once for all layers.
+        table_rows = g.op("Min", "rotary/rows", [keys, g.const("rotary/last_row", max_pos - 1, np.int64)], [[T]],
+                          dtype=i64)
+        cos = g.op("Gather", "rotary/cos_rows", [cos, table_rows], [[T, head_dim // 2]])
+        sin = g.op("Gather", "rotary/sin_rows", [sin, table_rows], [[T, head_dim // 2]])
+
     g.const("model.embed_tokens.weight", embed)
     h = g.op("Gather", "embed", ["model.embed_tokens.weight", "input_ids"], [bse])
     gamma = g.const("model.layers.0.input_layernorm.weight", w["model.layers.0.input_layernorm.weight"])
@@ -237,19 +253,26 @@ def build_llama_onnx(hf_model: Any, path: Path, opset: int = OPSET) -> None:
         p, n = f"model.layers.{i}.", f"layers.{i}/"
         wqkv = linear(*(f"{p}self_attn.{x}_proj.weight" for x in "qkv"))
         qkv = g.op("MatMul", n + "qkv_proj", [normed, wqkv], [[B, S, q_size + 2 * kv_size]])
-        sizes = g.const(n + "qkv_sizes", [q_size, kv_size, kv_size], np.int64)
-        q, k, v = g.op("Split", n + "split_qkv", [qkv, sizes], [[B, S, q_size], [B, S, kv_size], [B, S, kv_size]],
-                       axis=-1)
-        q = g.op("RotaryEmbedding", n + "rotary_q", [q, cos, sin, "position_ids"], [[B, S, q_size]], num_heads=heads)
-        k = g.op("RotaryEmbedding", n + "rotary_k", [k, cos, sin, "position_ids"], [[B, S, kv_size]],
-                 num_heads=kv_heads)
+        if fused_rotary:  # packed [q|k|v], rotated inside attention at position_ids (any positions:
+            # left padding, token trees): no Split and no RotaryEmbedding nodes run per step
+            qkv_in, rotary_in = [qkv, "", ""], [cos, sin, "position_ids"]
+        else:
+            sizes = g.const(n + "qkv_sizes", [q_size, kv_size, kv_size], np.int64)
+            q, k, v = g.op("Split", n + "split_qkv", [qkv, sizes],
+                           [[B, S, q_size], [B, S, kv_size], [B, S, kv_size]], axis=-1)
+            q = g.op("RotaryEmbedding", n + "rotary_q", [q, cos, sin, "position_ids"], [[B, S, q_size]],
+                     num_heads=heads)
+            k = g.op("RotaryEmbedding", n + "rotary_k", [k, cos, sin, "position_ids"], [[B, S, kv_size]],
+                     num_heads=kv_heads)
+            qkv_in, rotary_in = [q, k, v], ["", "", ""]
         attn = g.op("GroupQueryAttention", n + "attention",
-                    [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len,
-                     "", "", "", bias, "", "", "", "", "", query_lens],
+                    [*qkv_in, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len,
+                     *rotary_in, bias, "", "", "", "", "", query_lens],
                     [[B, S, q_size], [B, kv_heads, "present_length", head_dim],
                      [B, kv_heads, "present_length", head_dim]],
                     outputs=[n + "attention/out0", f"present.{i}.key", f"present.{i}.value"], domain=MS_DOMAIN,
-                    num_heads=heads, kv_num_heads=kv_heads, scale=float(head_dim) ** -0.5)[0]
+                    num_heads=heads, kv_num_heads=kv_heads, scale=float(head_dim) ** -0.5,
+                    do_rotary=int(fused_rotary))[0]
         o = g.op("MatMul", n + "o_proj", [attn, linear(p + "self_attn.o_proj.weight")], [bse])
         gamma = g.const(p + "post_attention_layernorm.weight", w[p + "post_attention_layernorm.weight"])
         normed, h = g.op("SkipSimplifiedLayerNormalization", n + "post_attention_norm", [o, h, gamma],
