@@ -202,28 +202,26 @@ def test_generation_stops_at_context_limit(tiny_exports, kind, alpha):
 
 
 def poison_logits(monkeypatch, value, after_calls=0, whole_row=False):
-    """From the (after_calls+1)-th ORT run on, replace the logits output (bound first) by a copy holding
-    `value` in every row's last position (one entry, or the whole row)."""
+    """From the (after_calls+1)-th ORT run on, write `value` into the logits output (bound first)
+    in every row's last position (one entry, or the whole row), right after the run."""
     import onnxruntime as ort
 
-    original = ort.IOBinding.get_outputs
+    original = ort.InferenceSession.run_with_iobinding
     seen = {"n": 0}
 
-    def get_outputs(self):
-        outs = original(self)
+    def run_with_iobinding(self, iobinding, run_options=None):
+        original(self, iobinding, run_options)
         seen["n"] += 1
         if seen["n"] > after_calls:
             # in place: on the CPU the runtime binds its own logits buffer, which this views
-            logits = outs[0].numpy()
+            logits = iobinding.get_outputs()[0].numpy()
             last = logits[:, -1] if logits.ndim == 3 else logits  # [rows, T, V], or [picked positions, V]
             if whole_row:
                 last[:] = value
             else:
                 last[:, 5] = value
-            outs = [ort.OrtValue.ortvalue_from_numpy(logits), *outs[1:]]
-        return outs
 
-    monkeypatch.setattr(ort.IOBinding, "get_outputs", get_outputs)
+    monkeypatch.setattr(ort.InferenceSession, "run_with_iobinding", run_with_iobinding)
     return seen
 
 
