@@ -152,10 +152,12 @@ def _exp_pass(scores: np.ndarray, uniforms: np.ndarray | None, want_entropy: boo
     m = np.max(x, axis=-1, keepdims=True)
     m = np.where(np.isfinite(m), m, np.float32(0.0))
     s = np.subtract(x, m)
-    np.maximum(s, np.float32(-200.0), out=s)  # exp(-200) is 0 in float32, and 0 * -200 is 0, not NaN
-    e = np.exp(s)
     h = None
-    if want_entropy:
+    if not want_entropy:  # the draws need e alone: exponentiate in place
+        e = np.exp(s, out=s)
+    else:
+        np.maximum(s, np.float32(-200.0), out=s)  # exp(-200) is 0 in float32, and 0 * -200 is 0, not NaN
+        e = np.exp(s)
         z = np.sum(e, axis=-1, dtype=np.float64)
         z = np.where(z > 0, z, 1.0)
         h = np.maximum(np.log(z) - np.einsum("...v,...v->...", e, s, dtype=np.float64) / z, 0.0)
