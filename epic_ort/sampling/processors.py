@@ -191,16 +191,16 @@ def _search_mass(e: np.ndarray, u: np.ndarray) -> np.ndarray:
         e = np.concatenate([e, np.zeros((rows, nblocks * _BLOCK - vocab), dtype=e.dtype)], axis=1)
     block_sums = e.reshape(rows, nblocks, _BLOCK).sum(axis=-1)  # float32 pairwise: ~1e-7 relative
     block_cdf = np.cumsum(block_sums, axis=-1, dtype=np.float64)
-    draws = np.empty(u.shape, dtype=np.int64)
-    for i in range(rows):
-        targets = u[i] * block_cdf[i, -1]
-        blocks = np.minimum(np.searchsorted(block_cdf[i], targets, side="right"), nblocks - 1)
-        for j, (b, t) in enumerate(zip(blocks.tolist(), targets.tolist())):
-            start = block_cdf[i, b - 1] if b > 0 else 0.0
-            inner = start + np.cumsum(e[i, b * _BLOCK : (b + 1) * _BLOCK], dtype=np.float64)
-            # min: a target past the block's float64 running sum (within rounding of its float32
-            # block sum) stays in the block it was assigned to
-            draws[i, j] = b * _BLOCK + min(int(np.searchsorted(inner, t, side="right")), inner.size - 1)
+    # all draws of all rows at once: the block of each target, then the running sum within it
+    targets = u * block_cdf[:, -1:]  # [rows, m]
+    blocks = np.minimum((block_cdf[:, None, :] <= targets[:, :, None]).sum(axis=-1), nblocks - 1).ravel()
+    owner = np.repeat(np.arange(rows), u.shape[1])
+    start = np.where(blocks > 0, block_cdf[owner, np.maximum(blocks - 1, 0)], 0.0)
+    inner = start[:, None] + np.cumsum(e.reshape(rows, nblocks, _BLOCK)[owner, blocks], axis=1, dtype=np.float64)
+    # min: a target past the block's float64 running sum (within rounding of its float32 block
+    # sum) stays in the block it was assigned to
+    within = np.minimum((inner <= targets.ravel()[:, None]).sum(axis=1), _BLOCK - 1)
+    draws = (blocks * _BLOCK + within).reshape(u.shape)
     return np.minimum(draws, vocab - 1)
 
 
