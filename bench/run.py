@@ -572,11 +572,15 @@ ran plain sampling, whose peak is lower)."""
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    _write_atomic_bytes(path, text.encode("utf-8"))
+
+
+def _write_atomic_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -586,6 +590,67 @@ def _write_atomic(path: Path, text: str) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def plot_results(results: list[dict[str, Any]]) -> bytes:
+    """results.png: left, plain tokens/s of each engine per (batch, prompt length), epic-ort's bars
+    marked with its ratios; right, EPIC's time per token ÷ plain, beside the 2.5·k target. Uses
+    matplotlib's Agg canvas (no pyplot, no display); ImportError when matplotlib is missing."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ok = [r for r in results if "error" not in r]
+    configs = sorted({(r["batch"], r["prompt_len"]) for r in ok}, key=lambda c: (c[1], c[0]))
+    names = [f"batch {b}\nprompt {p}" for b, p in configs]
+    engines = [e for e in ("epic-ort", "transformers", "optimum") if any(r["engine"] == e for r in ok)]
+
+    def plain(engine: str, config: tuple[int, int]) -> dict[str, Any] | None:
+        return next((r for r in ok if r["engine"] == engine and r["mode"] == "plain"
+                     and (r["batch"], r["prompt_len"]) == config), None)
+
+    fig = Figure(figsize=(11, 4.4), dpi=110)
+    FigureCanvasAgg(fig)
+    ax, bx = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    width = 0.8 / max(len(engines), 1)
+    for j, engine in enumerate(engines):
+        xs = [i + (j - (len(engines) - 1) / 2) * width for i in range(len(configs))]
+        rows = [plain(engine, c) for c in configs]
+        ax.bar(xs, [r["tokens_per_s"] if r else 0.0 for r in rows], width, label=engine)
+        if engine == "epic-ort":
+            for x, r in zip(xs, rows):
+                if r and r.get("ratio_vs_transformers") is not None:
+                    text = f"{r['ratio_vs_transformers']:.2f}x T"
+                    if r.get("ratio_vs_optimum") is not None:
+                        text += f"\n{r['ratio_vs_optimum']:.2f}x O"
+                    ax.annotate(text, (x, r["tokens_per_s"]), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(configs)), names, fontsize=8)
+    ax.set_ylim(0, max([r["tokens_per_s"] for r in ok if r["mode"] == "plain"] + [1.0]) * 1.18)
+    ax.set_ylabel("plain sampling, tokens/s (all rows)")
+    ax.set_title("Plain sampling (T = transformers, O = Optimum)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(True, axis="y", alpha=0.3)
+    epic = [next((r for r in ok if r["engine"] == "epic-ort" and r["mode"] == "epic"
+                  and (r["batch"], r["prompt_len"]) == c), None) for c in configs]
+    values = [r["epic_time_per_token_over_plain"] if r else 0.0 for r in epic]
+    bars = bx.bar(range(len(configs)), values, 0.6, color="tab:purple")
+    for bar, r in zip(bars, epic):
+        if r:
+            bx.annotate(f"{r['epic_time_per_token_over_plain']:.2f}x\n{r['forward_passes_per_token']:.2f} passes",
+                        (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
+    target = 2.5 * EPIC["horizon"]
+    bx.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target 2.5·k = {target:g}x (batch 1, prompt 32)")
+    bx.legend(fontsize=8, loc="upper left")
+    bx.set_ylim(0, max(values + [target]) * 1.25)
+    bx.set_xticks(range(len(configs)), names, fontsize=8)
+    bx.set_ylabel("EPIC time per token ÷ epic-ort plain")
+    bx.set_title(f"EPIC (alpha {EPIC['alpha']}, k {EPIC['horizon']}, R {EPIC['rollouts']})", fontsize=10)
+    bx.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
 
 
 def parent_main(args: argparse.Namespace) -> int:
@@ -646,8 +711,16 @@ def parent_main(args: argparse.Namespace) -> int:
         "results": results,
     }
     _write_atomic(out / "results.json", json.dumps(doc, indent=2) + "\n")
-    _write_atomic(out / "results.md", "# epic-ort benchmark\n\n" + header.replace("\n", "\n\n") + "\n\n" + md_table + "\n\n" + NOTES + "\n")
-    print(f"\nwrote {out / 'results.json'} and {out / 'results.md'}", file=sys.stderr)
+    try:
+        png = plot_results(results)
+    except ImportError:
+        figure = "(no plot: matplotlib is not installed; pip install 'epic-ort[plot]')"
+    else:
+        _write_atomic_bytes(out / "results.png", png)
+        figure = "![plain tokens/s and EPIC's cost](results.png)"
+    _write_atomic(out / "results.md", "# epic-ort benchmark\n\n" + header.replace("\n", "\n\n") + "\n\n" + md_table
+                  + "\n\n" + figure + "\n\n" + NOTES + "\n")
+    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'} and {out / 'results.png'}", file=sys.stderr)
     return 1 if any("error" in r for r in results) else 0
 
 
