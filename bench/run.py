@@ -28,11 +28,12 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
 from typing import Any, Sequence
+
+from epic_ort.fileio import write_bytes_atomic, write_text_atomic
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -572,24 +573,8 @@ ran plain sampling, whose peak is lower)."""
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    _write_atomic_bytes(path, text.encode("utf-8"))
-
-
-def _write_atomic_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_text_atomic(path, text)
 
 
 def plot_results(results: list[dict[str, Any]]) -> bytes:
@@ -716,7 +701,7 @@ def parent_main(args: argparse.Namespace) -> int:
     except ImportError:
         figure = "(no plot: matplotlib is not installed; pip install 'epic-ort[plot]')"
     else:
-        _write_atomic_bytes(out / "results.png", png)
+        write_bytes_atomic(out / "results.png", png)
         figure = "![plain tokens/s and EPIC's cost](results.png)"
     _write_atomic(out / "results.md", "# epic-ort benchmark\n\n" + header.replace("\n", "\n\n") + "\n\n" + md_table
                   + "\n\n" + figure + "\n\n" + NOTES + "\n")

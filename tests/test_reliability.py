@@ -572,3 +572,23 @@ def test_long_generation_memory_bounded(tmp_path):
     total = s.stats["prompt_tokens"] + 2000
     kv_bytes = model.spec.num_layers * 2 * model.spec.num_kv_heads * model.spec.head_dim * 4 * total
     assert peak - before <= 4 * kv_bytes + 50 * 2**20, ((peak - before) / 2**20, kv_bytes / 2**20)
+
+
+def test_atomic_writes_get_the_permissions_open_and_mkdir_give(tmp_path):
+    """mkstemp/mkdtemp make owner-only files and folders; an export or a report must be readable as
+    if written in place (a model folder served by another user, a results page)."""
+    from epic_ort.fileio import atomic_directory, write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "a.json", "{}")
+        with atomic_directory(tmp_path / "model") as d:
+            write_text_atomic(d / "manifest.json", "{}")
+        os.umask(0o077)
+        write_text_atomic(tmp_path / "private.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "model" / "manifest.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600
