@@ -176,3 +176,34 @@ def test_cache_grows_with_room_to_spare_and_compacts_in_place(tiny_llama):
     la, _ = model.step(np.array([11, 12]), kept)
     lb, _ = model.step(np.array([11, 12]), ref)
     np.testing.assert_allclose(la, lb, atol=1e-5)
+
+
+def test_steps_on_the_same_buffers_reuse_one_io_binding(tiny_llama, monkeypatch):
+    """An in-place step binds only its small inputs anew when the cache's buffers are the ones its
+    binding already holds; growth, compaction and forks bring new buffers and a new binding. The
+    logits are those of a fresh binding at every step."""
+    from epic_ort.runtime import model as runtime
+
+    model = tiny_llama
+    rows = [model.encode("the cat sat"), model.encode("a dog"), model.encode("x y z w")]
+
+    def run():
+        _, cache = model.prefill(rows, room=2)
+        out, bindings = [], []
+        for t in range(5):  # the third step outgrows the room
+            if t == 4:
+                cache = cache.compacted([0, 2])
+            logits, cache = model.step(np.full(cache.rows, 5 + t), cache)
+            out.append(logits)
+            bindings.append(cache.bound.binding)
+        return out, bindings
+
+    reused, b = run()
+    assert b[1] is b[0]  # same buffers: same binding
+    assert b[2] is not b[1] and b[3] is b[2]  # grown: new buffers, new binding, then reused
+    assert b[4] is not b[3]  # compacted: views of another shape
+    monkeypatch.setattr(runtime._BoundBuffers, "holds", lambda self, values: False)
+    fresh, b = run()
+    assert len({id(x) for x in b}) == 5
+    for x, y in zip(reused, fresh):
+        np.testing.assert_array_equal(x, y)

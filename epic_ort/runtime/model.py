@@ -256,7 +256,8 @@ def default_session_options(threads: int | None = None) -> Any:
 
 
 class CausalLM:
-    """A loaded export. Thread-safe: it holds no per-request state (IO bindings are per call)."""
+    """A loaded export. Thread-safe: it holds no per-request state (an IO binding lives with the cache
+    it binds, i.e. with one request)."""
 
     def __init__(self, model_dir: str | os.PathLike, provider: str = "auto", threads: int | None = None):
         import onnxruntime as ort
