@@ -22,6 +22,7 @@ def test_variant_loads_and_tracks_fp32(tiny_exports, tmp_path, variant, tol):
     manifest = export(str(tiny_exports["llama"]["hf"]), out, log=lambda m: None, **variant)
     assert manifest.quantization == variant.get("quantize")
     assert manifest.dtype == variant.get("dtype", "fp32")
+    assert manifest.graph == ("optimum" if "dtype" in variant else "lean")  # fp16 is for GPUs: Optimum's graph
     model = epic_ort.load(out, provider="cpu")
     ref = epic_ort.load(tiny_exports["llama"]["onnx"], provider="cpu")
     ids = [ref.encode("the quick brown fox")]

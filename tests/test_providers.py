@@ -75,3 +75,15 @@ def test_logits_index_profile_spans_one_to_every_position():
         return int(dict(e.split(":") for e in p[key].split(","))["logits_index"])
 
     assert (size("trt_profile_min_shapes"), size("trt_profile_opt_shapes"), size("trt_profile_max_shapes")) == (1, 8, 8 * 1024)
+
+
+def test_lean_graph_stays_on_the_cpu(tmp_path):
+    """The lean graph's attention (GroupQueryAttention with an attention bias) has no CUDA kernel:
+    `auto` keeps it on the CPU even where CUDA is available, and asking for a GPU says what to export."""
+    assert resolve_providers("auto", tmp_path, graph="lean", available=GPU) == [("CPUExecutionProvider", {})]
+    assert resolve_providers("cpu", tmp_path, graph="lean", available=GPU) == [("CPUExecutionProvider", {})]
+    for provider in ("cuda", "tensorrt"):
+        with pytest.raises(InvalidRequestError, match="--graph optimum"):
+            resolve_providers(provider, tmp_path, graph="lean", available=GPU)
+    got = resolve_providers("cuda", tmp_path, graph="optimum", available=GPU)
+    assert [n for n, _ in got] == ["CUDAExecutionProvider", "CPUExecutionProvider"]

@@ -52,7 +52,8 @@ def main() -> None:
 @click.option("--quantize", type=click.Choice(["int8", "int8-dynamic"]), default=None,
               help="int8: weight-only int8 MatMuls (CPU, ~+1% perplexity); int8-dynamic: ORT dynamic quantization.")
 @click.option("--graph", type=click.Choice(["auto", "lean", "optimum"]), default="auto", show_default=True,
-              help="lean: epic-ort's own Llama graph (fewer ops, faster); auto: lean where the model supports it.")
+              help="lean: epic-ort's own Llama graph (fewer ops, faster; CPU only); auto: lean where the model supports it, "
+                   "Optimum's graph for fp16 (GPUs).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT_DIR if it exists.")
 def export(model: str, output_dir: Path, opset: int | None, dtype: str, quantize: str | None, graph: str,
            force: bool) -> None:

@@ -1,8 +1,8 @@
 """Hugging Face causal LM -> ONNX folder with KV-cache inputs/outputs.
 
-Llama-family models get epic-ort's lean hand-built graph (llama_graph.py: ~14 nodes per layer
-instead of Optimum's ~100, same inputs and outputs); every other architecture, or `--graph optimum`,
-goes through Optimum's exporter.
+Llama-family models get epic-ort's lean hand-built graph (llama_graph.py: ~10 nodes per layer
+instead of Optimum's ~100, same inputs and outputs; it runs on the CPU); every other architecture,
+fp16 (for GPUs), or `--graph optimum` goes through Optimum's exporter.
 
 This is the only part of epic-ort that needs torch/transformers/optimum (the `export` extra);
 they are imported inside the functions so that `import epic_ort` never pulls them in.
@@ -101,7 +101,7 @@ def export(
         except OSError as e:
             raise ExportError(f"cannot load {model!r}: {str(e).splitlines()[0]}") from None
         hf_model.eval()
-        graph = _choose_graph(graph, hf_model.config, opset)
+        graph = _choose_graph(graph, hf_model.config, opset, dtype)
         if graph == "lean":
             from .llama_graph import OPSET, build_llama_onnx
 
@@ -139,8 +139,10 @@ def export(
     return manifest
 
 
-def _choose_graph(graph: str, config: Any, opset: int | None) -> str:
-    """Resolve "auto"; refuse "lean" where the lean builder does not support the model."""
+def _choose_graph(graph: str, config: Any, opset: int | None, dtype: str = "fp32") -> str:
+    """Resolve "auto"; refuse "lean" where the lean builder does not support the model. fp16 is
+    for GPUs, where the lean graph's attention has no kernel (see runtime.providers), so "auto"
+    exports Optimum's graph for fp16."""
     from .llama_graph import OPSET, supports
 
     why = supports(config)
@@ -151,7 +153,7 @@ def _choose_graph(graph: str, config: Any, opset: int | None) -> str:
             raise ExportError(f"--graph lean writes opset {OPSET}; drop --opset or use --graph optimum")
         return "lean"
     if graph == "auto":
-        return "lean" if why is None and opset in (None, OPSET) else "optimum"
+        return "lean" if why is None and opset in (None, OPSET) and dtype == "fp32" else "optimum"
     return graph
 
 

@@ -275,6 +275,7 @@ class CausalLM:
             head_dim=self.manifest.head_dim,
             max_positions=self.manifest.max_positions,
             fp16=self.manifest.dtype == "fp16",
+            graph=self.manifest.graph,
         )
         self.device = device_of(self.providers)
         try:

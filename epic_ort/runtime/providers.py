@@ -69,18 +69,23 @@ def resolve_providers(
     max_positions: int = 2048,
     max_batch: int = 64,
     fp16: bool = False,
+    graph: str = "optimum",
     available: Sequence[str] | None = None,
 ) -> list[tuple[str, dict[str, Any]]]:
     """Turn a user's provider word into ORT's (name, options) list, CPU always last as fallback.
 
     `auto` takes CUDA when this onnxruntime build has it, else CPU: TensorRT is only used when
-    asked, because its first engine build takes minutes."""
+    asked, because its first engine build takes minutes. epic-ort's lean graph (`graph="lean"`)
+    runs on the CPU only: its attention, com.microsoft GroupQueryAttention with an additive bias
+    (left padding, EPIC's token trees), has no CUDA kernel in ONNX Runtime (the CUDA kernel refuses
+    attention_bias and has no fp32 version), so on a GPU every layer would round-trip the KV cache
+    through the host; `auto` then picks the CPU and `cuda`/`tensorrt` are refused."""
     if provider not in PROVIDERS:
         raise InvalidRequestError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
     have = list(available) if available is not None else available_providers()
     cpu = ("CPUExecutionProvider", {})
     if provider == "auto":
-        provider = "cuda" if _ORT_NAMES["cuda"] in have else "cpu"
+        provider = "cuda" if _ORT_NAMES["cuda"] in have and graph != "lean" else "cpu"
     if provider == "cpu":
         return [cpu]
     name = _ORT_NAMES[provider]
@@ -88,6 +93,13 @@ def resolve_providers(
         raise InvalidRequestError(
             f"provider {provider!r} is not available in this onnxruntime build (it has: {', '.join(have)}); "
             "install onnxruntime-gpu (`pip uninstall -y onnxruntime && pip install onnxruntime-gpu`) on a machine with an NVIDIA GPU"
+        )
+    if graph == "lean":
+        raise InvalidRequestError(
+            f"{model_dir} holds epic-ort's lean graph, whose attention runs on the CPU only in ONNX Runtime "
+            f"(GroupQueryAttention with an attention bias has no {dict(cuda='CUDA', tensorrt='TensorRT')[provider]} "
+            "kernel); for a GPU export with `epic-ort export MODEL DIR --graph optimum` (fp16: add --dtype fp16), "
+            "or use --provider cpu"
         )
     cuda = ("CUDAExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"})
     if provider == "cuda":
