@@ -24,7 +24,6 @@ prompt) evaluate each shared candidate once.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Sequence
 

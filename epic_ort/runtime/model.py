@@ -376,8 +376,6 @@ class CausalLM:
         [n, V] at the n (row, position) pairs of `logits_at` (graphs with `logits_index` compute
         only those; others compute all and pick).
         """
-        import onnxruntime as ort
-
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         rows, t = input_ids.shape
         if input_mask is None:

@@ -189,14 +189,15 @@ def _search_mass(e: np.ndarray, u: np.ndarray) -> np.ndarray:
     nblocks = -(-vocab // _BLOCK)
     if nblocks * _BLOCK != vocab:
         e = np.concatenate([e, np.zeros((rows, nblocks * _BLOCK - vocab), dtype=e.dtype)], axis=1)
-    block_sums = e.reshape(rows, nblocks, _BLOCK).sum(axis=-1)  # float32 pairwise: ~1e-7 relative
+    blocked = e.reshape(rows, nblocks, _BLOCK)
+    block_sums = blocked.sum(axis=-1)  # float32 pairwise: ~1e-7 relative
     block_cdf = np.cumsum(block_sums, axis=-1, dtype=np.float64)
     # all draws of all rows at once: the block of each target, then the running sum within it
     targets = u * block_cdf[:, -1:]  # [rows, m]
     blocks = np.minimum((block_cdf[:, None, :] <= targets[:, :, None]).sum(axis=-1), nblocks - 1).ravel()
     owner = np.repeat(np.arange(rows), u.shape[1])
     start = np.where(blocks > 0, block_cdf[owner, np.maximum(blocks - 1, 0)], 0.0)
-    inner = start[:, None] + np.cumsum(e.reshape(rows, nblocks, _BLOCK)[owner, blocks], axis=1, dtype=np.float64)
+    inner = start[:, None] + np.cumsum(blocked[owner, blocks], axis=1, dtype=np.float64)
     # min: a target past the block's float64 running sum (within rounding of its float32 block
     # sum) stays in the block it was assigned to
     within = np.minimum((inner <= targets.ravel()[:, None]).sum(axis=1), _BLOCK - 1)
