@@ -59,3 +59,38 @@ def test_graph_choice(tiny_exports, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     manifest = export(llama, tmp_path / "c", opset=17, log=lambda m: None)  # an explicit opset keeps Optimum
     assert manifest.graph == "optimum" and manifest.opset == 17
+
+
+def test_q4_1_weights_packed_unless_asked(tmp_path):
+    """A model whose Linear weights are Q4_1 blocks (what a Q4_1 GGUF loads as) exports with its
+    products packed to 4 bits by default; `pack=False` (CLI --unpacked) and int8 quantization
+    store them otherwise. The manifest says how many were packed."""
+    import onnx
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM
+
+    from epic_ort.cli.main import main
+    from tiny_models import build_hf_model, quantize_linears_q4_1
+
+    hf = tmp_path / "hf"
+    model = build_hf_model("llama", hf, seed=3)
+    quantize_linears_q4_1(model)
+    model.save_pretrained(str(hf))
+    assert AutoModelForCausalLM.from_pretrained(str(hf)).model.layers[0].mlp.up_proj.weight.unique().numel() < 4096
+
+    def ops(folder):
+        return [n.op_type for n in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node]
+
+    packed = export(str(hf), tmp_path / "packed", log=lambda m: None)
+    assert packed.extra["packed_products"] == 8 and ops(tmp_path / "packed").count("MatMulNBits") == 8
+    result = CliRunner().invoke(main, ["export", str(hf), str(tmp_path / "unpacked"), "--unpacked"])
+    assert result.exit_code == 0, result.output
+    unpacked = epic_ort.runtime.manifest.read_manifest(tmp_path / "unpacked")
+    assert unpacked.extra["packed_products"] == 0 and "MatMulNBits" not in ops(tmp_path / "unpacked")
+    int8 = export(str(hf), tmp_path / "int8", quantize="int8", log=lambda m: None)
+    assert int8.extra["packed_products"] == 0 and int8.quantization == "int8"
+
+    ids = [[5, 9, 12, 7, 20, 3]]
+    a, _ = epic_ort.load(tmp_path / "packed", provider="cpu").prefill(ids)
+    b, _ = epic_ort.load(tmp_path / "unpacked", provider="cpu").prefill(ids)
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()

@@ -88,3 +88,18 @@ def test_chat_template_and_stop(smollm2):
     (s,) = list(epic_ort.generate(smollm2, ["What is the capital of France?"], cfg, chat=True))
     assert s.finish_reason in ("stop", "eos")
     assert "." not in s.text
+
+
+def test_default_export_is_packed_and_matches_transformers_logits(smollm2, smollm2_dir, hf_smollm2):
+    """The default export keeps every projection of the Q4_1 GGUF as its 4-bit blocks (the
+    lm_head, tied to the 8-bit embedding, stays float32), and its logits are transformers'
+    float32 logits up to rounding."""
+    import torch
+
+    manifest = epic_ort.runtime.manifest.read_manifest(smollm2_dir)
+    assert manifest.extra.get("packed_products") == 4 * manifest.num_layers
+    ids = smollm2.encode(PROMPTS[0] + " " + PROMPTS[1])
+    ours, _ = smollm2.forward(np.array([ids]), smollm2.empty_cache(1), last_only=False)
+    with torch.no_grad():
+        ref = hf_smollm2(input_ids=torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(ours - ref).max() <= 2e-5 * np.abs(ref).max()

@@ -33,6 +33,7 @@ def _hf_model(folder: Path, **config):
     _, vocab = build_tokenizer(folder)
     torch.manual_seed(1)
     mistral = config.pop("mistral", False)
+    q4_1 = config.pop("q4_1", False)
     base = dict(
         vocab_size=vocab, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=2,
@@ -41,6 +42,10 @@ def _hf_model(folder: Path, **config):
     base.update(config)
     model = MistralForCausalLM(MistralConfig(**base)) if mistral else LlamaForCausalLM(LlamaConfig(**base))
     model.eval()
+    if q4_1:
+        from tiny_models import quantize_linears_q4_1
+
+        quantize_linears_q4_1(model)
     model.save_pretrained(str(folder))
     return model
 
@@ -77,6 +82,7 @@ def lean(tmp_path_factory, tiny_exports):
         "theta": {"rope_theta": 500.0, "num_key_value_heads": 1},
         "mistral": {"mistral": True, "sliding_window": None, "rope_theta": 1e6},
         "narrow_heads": {"hidden_size": 32},  # heads of 8: RotaryEmbedding nodes, not attention's own rotary
+        "q4_1": {"q4_1": True},  # every Linear holds Q4_1 blocks, as a Q4_1 GGUF loads: packed to 4 bits
     }.items():
         models[name] = (_hf_model(base / f"{name}-hf", **config), base / f"{name}-hf")
     return {name: (m, _lean_folder(m, d, base / f"{name}-lean")) for name, (m, d) in models.items()}
@@ -99,7 +105,7 @@ def _batch(vocab: int, seed: int = 0):
     return ids, mask, rng.integers(3, vocab, size=(3, 4))
 
 
-@pytest.mark.parametrize("variant", ["llama", "tied", "theta", "mistral", "narrow_heads"])
+@pytest.mark.parametrize("variant", ["llama", "tied", "theta", "mistral", "narrow_heads", "q4_1"])
 def test_prefill_and_cached_steps_match_pytorch(lean, variant):
     hf_model, folder = lean[variant]
     model = epic_ort.load(folder, provider="cpu")
@@ -313,3 +319,34 @@ def test_rotary_inside_attention_when_heads_allow(lean, variant, fused):
     assert do_rotary == {int(fused)}
     assert sum(n.name.endswith("split_qkv") for n in graph.node) == (0 if fused else 2)
     assert sum(op == "RotaryEmbedding" for op in ops) == (0 if fused else 4)
+
+
+def _ops(path: Path) -> list[str]:
+    return [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+
+
+def test_q4_1_weights_stay_four_bit(lean, tmp_path):
+    """Every product of a Q4_1 model runs as MatMulNBits with the blocks' offsets beside it; the
+    float32 build of the same weights gives the same logits up to float32 rounding (the offsets
+    are summed apart from the levels), and the
+    4-bit file is the smaller. Random float weights keep plain MatMuls (test above: 'llama')."""
+    hf_model, folder = lean["q4_1"]
+    layers = hf_model.config.num_hidden_layers
+    assert _ops(folder / "model.onnx").count("MatMulNBits") == 4 * layers  # qkv, o, gate|up, down
+    assert _ops(lean["llama"][1] / "model.onnx").count("MatMulNBits") == 0
+    unpacked = tmp_path / "unpacked"
+    shutil.copytree(folder, unpacked)
+    assert build_llama_onnx(hf_model, unpacked / "model.onnx", pack_weights=False) == 0
+    assert "MatMulNBits" not in _ops(unpacked / "model.onnx")
+    assert (folder / "model.onnx").stat().st_size < (unpacked / "model.onnx").stat().st_size
+
+    ids, mask, extra = _batch(hf_model.config.vocab_size, seed=5)
+    results = []
+    for f in (folder, unpacked):
+        model = epic_ort.load(f, provider="cpu")
+        logits, cache = model.forward(ids, model.empty_cache(3), mask, last_only=False)
+        step, _ = model.step(extra[:, 0], cache)
+        results.append((logits[mask.astype(bool)], step))
+    scale = float(np.abs(results[1][0]).max())
+    for packed, plain in zip(*results):
+        np.testing.assert_allclose(packed, plain, rtol=0, atol=1e-5 * scale)  # offsets: O(scale) when wrong

@@ -6,6 +6,8 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
+import numpy as np
+
 SPECIALS = ["<unk>", "<s>", "</s>"]
 CHARS = list(string.ascii_lowercase + " .,!?'")
 
@@ -52,3 +54,30 @@ def build_hf_model(kind: str, folder: Path, seed: int = 0, init_range: float = 0
     model.eval()
     model.save_pretrained(str(folder))
     return model
+
+
+def q4_1_reference(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What a Q4_1 GGUF holds and what transformers hands back for it: llama.cpp's
+    quantize_row_q4_1 (d = (max - min) / 15, levels round((x - min) / d) clipped to 15, d and
+    min stored as float16) and gguf-py's dequantization (float32 d * q + m).
+    Returns (dequantized float32 weight, levels)."""
+    out, inputs = weight.shape
+    blocks = weight.reshape(out, inputs // 32, 32).astype(np.float32)
+    lo, hi = blocks.min(-1), blocks.max(-1)
+    d = (hi - lo) / np.float32(15)
+    inv = np.where(d == 0, np.float32(0), np.float32(1) / np.where(d == 0, 1, d))
+    q = np.minimum(15, ((blocks - lo[..., None]) * inv[..., None] + np.float32(0.5)).astype(np.int8)).astype(np.uint8)
+    d16, m16 = d.astype(np.float16).astype(np.float32), lo.astype(np.float16).astype(np.float32)
+    return (d16[..., None] * q.astype(np.float32) + m16[..., None]).reshape(out, inputs), q.reshape(out, inputs)
+
+
+def quantize_linears_q4_1(model) -> None:
+    """Replace every nn.Linear weight of a torch model by its Q4_1 round trip (q4_1_reference):
+    the model then holds what transformers loads from a Q4_1 GGUF."""
+    import torch
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                weight, _ = q4_1_reference(module.weight.detach().numpy())
+                module.weight.copy_(torch.from_numpy(weight))

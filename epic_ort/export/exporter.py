@@ -66,11 +66,14 @@ def export(
     force: bool = False,
     quantize: str | None = None,
     graph: str = "auto",
+    pack: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> Manifest:
     """Export `model` into `output_dir` and return the manifest written beside model.onnx.
 
-    graph: "lean" (epic-ort's own Llama graph), "optimum", or "auto" (lean where supported)."""
+    graph: "lean" (epic-ort's own Llama graph), "optimum", or "auto" (lean where supported).
+    pack: in the lean fp32 graph, keep weights that are exactly 4-bit blocks (a Q4_1 GGUF's) as
+    4-bit: the same numbers in 5 bits instead of 32 (export/packing.py). False stores float32."""
     if graph not in GRAPHS:
         raise ExportError(f"graph must be one of {GRAPHS}")
     if dtype not in DTYPES:
@@ -106,7 +109,9 @@ def export(
             from .llama_graph import OPSET, build_llama_onnx
 
             say(f"[2/4] writing the lean {hf_model.config.model_type} graph (opset {OPSET})")
-            build_llama_onnx(hf_model, tmp / "model.onnx")
+            packed = build_llama_onnx(hf_model, tmp / "model.onnx", pack_weights=pack and not quantize and dtype == "fp32")
+            if packed:
+                say(f"      {packed} weight products kept as their exact 4-bit blocks (lossless)")
             hf_model.config.save_pretrained(str(tmp))
             hf_model.generation_config.save_pretrained(str(tmp))
             opset = OPSET
@@ -134,6 +139,8 @@ def export(
         else:
             say("[3/4] checking the graph")
         manifest = _build_manifest(tmp, hf_model.config, tokenizer, description, dtype, opset, quantize, graph)
+        if graph == "lean":
+            manifest.extra["packed_products"] = packed
         write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
         say(f"[4/4] wrote {out}")
     return manifest

@@ -44,6 +44,10 @@ Per layer (opset 23):
     MatMul o -> SkipSimplifiedLayerNormalization
     MatMul [gate|up] -> Split -> Sigmoid -> Mul -> Mul -> MatMul down
 
+A weight that is exactly 4-bit blocks (a Q4_1 GGUF's, as SmolLM2's) stays 4-bit: its MatMul
+becomes MatMulNBits (float32 arithmetic) plus the blocks' offsets (ReduceSum, a small MatMul,
+Add); packing.py says why this is lossless. Batch-1 decoding reads 5 bits per weight instead of 32.
+
 The attention bias and GroupQueryAttention's lengths are computed once, at the top; the
 rotary tables are initializers of [max_position_embeddings, head_dim / 2] (computed in float64
 from the model's own inv_freq, so they also survive an fp16 conversion without the phase error
@@ -62,6 +66,7 @@ from typing import Any
 import numpy as np
 
 from ..runtime.model import KV_CACHE_KEY, KV_CACHE_SHARED
+from .packing import BLOCK, pack_four_bit
 
 OPSET = 23
 MS_DOMAIN = "com.microsoft"
@@ -149,12 +154,15 @@ def _is_tied(w: dict[str, np.ndarray]) -> bool:
     return head is None or np.shares_memory(head, embed) or np.array_equal(head, embed)
 
 
-def build_llama_onnx(hf_model: Any, path: Path, opset: int = OPSET) -> None:
+def build_llama_onnx(hf_model: Any, path: Path, opset: int = OPSET, pack_weights: bool = True) -> int:
     """Write `hf_model` (a transformers Llama-family causal LM, float32 or castable) as one lean
     ONNX graph at `path`, with the inputs/outputs of Optimum's text-generation-with-past export.
 
     Weights go into the file itself, or into `path.name + ".data"` beside it when they would pass
-    protobuf's 2 GB limit. The result is checked with onnx.checker."""
+    protobuf's 2 GB limit. The result is checked with onnx.checker.
+
+    pack_weights: keep weights that are exactly 4-bit blocks as 4-bit (lossless, see packing.py).
+    Returns how many products were packed."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -185,10 +193,35 @@ def build_llama_onnx(hf_model: Any, path: Path, opset: int = OPSET) -> None:
     inter = int(config.intermediate_size)
     bse = [B, S, hidden]
 
-    def linear(*names: str) -> str:
-        """nn.Linear weights [out, in] (several: stacked along out) as one MatMul operand [in, out]."""
-        stacked = np.concatenate([w[k] for k in names], axis=0) if len(names) > 1 else w[names[0]]
-        return g.const(names[0].replace("q_proj", "qkv_proj").replace("gate_proj", "gate_up_proj"), stacked.T)
+    packed_count = 0
+    block_shapes: dict[int, str] = {}
+    last_axis = g.const("packing/last_axis", [-1], np.int64)
+
+    def project(name: str, x: str, *weights: str) -> str:
+        """x @ W.T for nn.Linear weights [out, in] (several: stacked along out, one product).
+        A weight that is exactly 4-bit blocks (a Q4_1 GGUF's) stays 4-bit (see packing.py);
+        any other is one float32 MatMul operand [in, out]."""
+        nonlocal packed_count
+        stacked = np.concatenate([w[k] for k in weights], axis=0) if len(weights) > 1 else w[weights[0]]
+        key = weights[0].replace("q_proj", "qkv_proj").replace("gate_proj", "gate_up_proj")
+        out_features, in_features = stacked.shape
+        shape = [B, S, out_features]
+        packed = pack_four_bit(stacked) if pack_weights else None
+        if packed is None:
+            return g.op("MatMul", name, [x, g.const(key, stacked.T)], [shape])
+        packed_count += 1
+        blocks = in_features // BLOCK
+        levels = g.const(key + ".levels", packed.levels)
+        scales = g.const(key + ".scales", packed.scales.reshape(-1))
+        zero_points = g.const(key + ".zero_points", np.zeros(out_features * ((blocks + 1) // 2), np.uint8))
+        if blocks not in block_shapes:
+            block_shapes[blocks] = g.const(f"packing/block_shape_{blocks}", [0, 0, blocks, BLOCK], np.int64)
+        main = g.op("MatMulNBits", name, [x, levels, scales, zero_points], [shape], domain=MS_DOMAIN,
+                    K=in_features, N=out_features, bits=4, block_size=BLOCK, accuracy_level=0)
+        grouped = g.op("Reshape", name + "/blocks", [x, block_shapes[blocks]], [[B, S, blocks, BLOCK]])
+        sums = g.op("ReduceSum", name + "/block_sums", [grouped, last_axis], [[B, S, blocks]], keepdims=0)
+        shift = g.op("MatMul", name + "/offsets", [sums, g.const(key + ".offsets", packed.offsets.T)], [shape])
+        return g.op("Add", name + "/with_offsets", [main, shift], [shape])
 
     # --- shared by all layers: the attention mask and the rotary tables ------------------------
     # mask[b, 0, s, t] = key t is a real token (attention_mask) AND t is not after query s
@@ -251,8 +284,7 @@ def build_llama_onnx(hf_model: Any, path: Path, opset: int = OPSET) -> None:
     normed = g.op("RMSNormalization", "layers.0/input_norm", [h, gamma], [bse], axis=-1, epsilon=eps)
     for i in range(layers):
         p, n = f"model.layers.{i}.", f"layers.{i}/"
-        wqkv = linear(*(f"{p}self_attn.{x}_proj.weight" for x in "qkv"))
-        qkv = g.op("MatMul", n + "qkv_proj", [normed, wqkv], [[B, S, q_size + 2 * kv_size]])
+        qkv = project(n + "qkv_proj", normed, *(f"{p}self_attn.{x}_proj.weight" for x in "qkv"))
         if fused_rotary:  # packed [q|k|v], rotated inside attention at position_ids (any positions:
             # left padding, token trees): no Split and no RotaryEmbedding nodes run per step
             qkv_in, rotary_in = [qkv, "", ""], [cos, sin, "position_ids"]
@@ -273,16 +305,15 @@ def build_llama_onnx(hf_model: Any, path: Path, opset: int = OPSET) -> None:
                     outputs=[n + "attention/out0", f"present.{i}.key", f"present.{i}.value"], domain=MS_DOMAIN,
                     num_heads=heads, kv_num_heads=kv_heads, scale=float(head_dim) ** -0.5,
                     do_rotary=int(fused_rotary))[0]
-        o = g.op("MatMul", n + "o_proj", [attn, linear(p + "self_attn.o_proj.weight")], [bse])
+        o = project(n + "o_proj", attn, p + "self_attn.o_proj.weight")
         gamma = g.const(p + "post_attention_layernorm.weight", w[p + "post_attention_layernorm.weight"])
         normed, h = g.op("SkipSimplifiedLayerNormalization", n + "post_attention_norm", [o, h, gamma],
                          [bse, None, None, bse], domain=MS_DOMAIN, epsilon=eps)[::3]
-        wgu = linear(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
-        gu = g.op("MatMul", n + "gate_up_proj", [normed, wgu], [[B, S, 2 * inter]])
+        gu = project(n + "gate_up_proj", normed, p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
         gate, up = g.op("Split", n + "split_gate_up", [gu], [[B, S, inter]] * 2, axis=-1, num_outputs=2)
         act = g.op("Mul", n + "silu", [gate, g.op("Sigmoid", n + "sigmoid", [gate], [[B, S, inter]])], [[B, S, inter]])
         gated = g.op("Mul", n + "gated", [act, up], [[B, S, inter]])
-        down = g.op("MatMul", n + "down_proj", [gated, linear(p + "mlp.down_proj.weight")], [bse])
+        down = project(n + "down_proj", gated, p + "mlp.down_proj.weight")
         last = i == layers - 1
         name = "model.norm.weight" if last else f"model.layers.{i + 1}.input_layernorm.weight"
         normed, h = g.op("SkipSimplifiedLayerNormalization", "final_norm" if last else f"layers.{i + 1}/input_norm",
@@ -299,7 +330,8 @@ def build_llama_onnx(hf_model: Any, path: Path, opset: int = OPSET) -> None:
         g.op("FusedMatMul", "lm_head", [picked, "model.embed_tokens.weight"], [[N, vocab]], outputs=["logits"],
              domain=MS_DOMAIN, transA=0, transB=1, alpha=1.0)
     else:
-        g.op("MatMul", "lm_head", [picked, linear("lm_head.weight")], [[N, vocab]], outputs=["logits"])
+        g.op("MatMul", "lm_head", [picked, g.const("lm_head.weight", w["lm_head.weight"].T)], [[N, vocab]],
+             outputs=["logits"])
 
     def io(name: str, elem: int, dims: list[Any]) -> Any:
         return helper.make_tensor_value_info(name, elem, dims)
@@ -325,6 +357,7 @@ def build_llama_onnx(hf_model: Any, path: Path, opset: int = OPSET) -> None:
     helper.set_model_props(model, {KV_CACHE_KEY: KV_CACHE_SHARED})
     _save(model, g.weights, path)
     onnx.checker.check_model(str(path))
+    return packed_count
 
 
 def _inv_freq(hf_model: Any, config: Any, head_dim: int) -> np.ndarray:
