@@ -1,10 +1,11 @@
-"""Quantized exports (weight-only int8, int8 dynamic): speed and perplexity change on held-out text.
+"""Weight encodings (the default export's lossless 4-bit blocks, weight-only int8, int8 dynamic) against
+float32 tensors: speed and perplexity change on held-out text.
 
-    python bench/quantization.py [--fp32 models/smollm2-135m] [--int8 models/smollm2-135m-int8]
-        [--int8-dynamic models/smollm2-135m-int8-dynamic]
+    python bench/quantization.py [--fp32 models/smollm2-135m-unpacked] [--packed models/smollm2-135m]
+        [--int8 models/smollm2-135m-int8] [--int8-dynamic models/smollm2-135m-int8-dynamic]
         [--corpus ../shared/data/austen/persuasion.txt] [--windows 16] [--tokens 256]
 
-Exports a quantized variant when its folder is missing. Perplexity is measured on `windows` random
+Exports a variant when its folder is missing. Perplexity is measured on `windows` random
 passages of `tokens` tokens (the first half is context, the second half is scored), the same
 passages for both models; speed is plain sampling tokens/s at batch 1 (64 tokens, seed 0).
 """
@@ -45,18 +46,21 @@ def speed(model, n=64):
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--fp32", default="models/smollm2-135m")
+    ap.add_argument("--fp32", default="models/smollm2-135m-unpacked", help="float32 tensors (export --unpacked)")
+    ap.add_argument("--packed", default="models/smollm2-135m", help="the default export (4-bit blocks where exact)")
     ap.add_argument("--int8", default="models/smollm2-135m-int8")
     ap.add_argument("--int8-dynamic", default="models/smollm2-135m-int8-dynamic")
     ap.add_argument("--corpus", default=str(Path(__file__).resolve().parents[2] / "shared/data/austen/persuasion.txt"))
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=256)
     args = ap.parse_args()
-    folders = {"fp32": args.fp32, "int8": args.int8, "int8-dynamic": args.int8_dynamic}
+    folders = {"fp32": args.fp32, "fp32 4-bit blocks": args.packed, "int8": args.int8, "int8-dynamic": args.int8_dynamic}
+    flags = {"fp32": ["--unpacked"], "fp32 4-bit blocks": [], "int8": ["--quantize", "int8"],
+             "int8-dynamic": ["--quantize", "int8-dynamic"]}
     for scheme, folder in folders.items():
-        if scheme != "fp32" and not (Path(folder) / "epic_ort_manifest.json").is_file():
-            subprocess.run([sys.executable, "-m", "epic_ort.cli.main", "export", "smollm2-135m", folder,
-                            "--quantize", scheme], check=True)
+        if not (Path(folder) / "epic_ort_manifest.json").is_file():
+            subprocess.run([sys.executable, "-m", "epic_ort.cli.main", "export", "smollm2-135m", folder, *flags[scheme]],
+                           check=True)
     models = {name: epic_ort.load(folder, provider="cpu") for name, folder in folders.items()}
     corpus = load_corpus(models["fp32"], [args.corpus])
     positions = sample_positions(corpus, args.windows, args.tokens // 2, args.tokens // 2, seed=0)

@@ -527,6 +527,20 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _weights_note(model_dir: str) -> str:
+    """How epic-ort's export stores its weights, from its manifest."""
+    try:
+        manifest = json.loads((Path(model_dir) / "epic_ort_manifest.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    packed = manifest.get("extra", {}).get("packed_products")
+    if manifest.get("quantization"):
+        return f": {manifest['quantization']}"
+    if packed:
+        return f": {packed} products kept as the GGUF's exact 4-bit blocks, float32 arithmetic"
+    return ": float32 tensors" if packed == 0 else ""
+
+
 def header_text(info: dict[str, Any], args: argparse.Namespace) -> str:
     v = info["versions"]
     lines = [
@@ -539,8 +553,8 @@ def header_text(info: dict[str, Any], args: argparse.Namespace) -> str:
         f"Threads: every engine uses {args.threads} threads (= all cores): OMP/MKL/OPENBLAS_NUM_THREADS={args.threads}, "
         f"torch.set_num_threads({args.threads}), ONNX Runtime intra_op_num_threads={args.threads}, inter_op_num_threads=1; "
         "engines run one at a time, each in its own process.",
-        f"Model: {args.model_dir} (epic-ort), {args.optimum_dir} (Optimum's export of the same weights); "
-        f"transformers loads {GGUF_PACKAGE}/{GGUF_FILE}, "
+        f"Model: {args.model_dir} (epic-ort{_weights_note(args.model_dir)}), {args.optimum_dir} (Optimum's export of "
+        f"the same weights); transformers loads {GGUF_PACKAGE}/{GGUF_FILE}, "
         "the GGUF the export was made from, dequantized to float32.",
         f"Sampling: top_k=0, top_p=1, temperature 1, seed {args.seed}; transformers/Optimum use "
         "min_new_tokens=max_new_tokens; epic-ort has no min_new_tokens, so 'gen. tokens' shows what it produced. "
