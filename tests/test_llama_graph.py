@@ -350,3 +350,22 @@ def test_q4_1_weights_stay_four_bit(lean, tmp_path):
     scale = float(np.abs(results[1][0]).max())
     for packed, plain in zip(*results):
         np.testing.assert_allclose(packed, plain, rtol=0, atol=1e-5 * scale)  # offsets: O(scale) when wrong
+
+
+def test_explicit_zero_points_where_midpoint_offsets_are_inexact(lean, tmp_path, monkeypatch):
+    """Blocks whose m + 8d float32 cannot hold keep levels as q with zero points 0: same logits."""
+    from epic_ort.export.packing import PackedWeight
+
+    hf_model, folder = lean["q4_1"]
+    monkeypatch.setattr(PackedWeight, "midpoint_offsets", lambda self: None)
+    out = tmp_path / "zero_points"
+    shutil.copytree(folder, out)
+    assert build_llama_onnx(hf_model, out / "model.onnx") == 4 * hf_model.config.num_hidden_layers
+    nodes = [n for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    default = [n for n in onnx.load(str(folder / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    assert {len(n.input) for n in nodes} == {4} and {len(n.input) for n in default} == {3}
+    ids, mask, _ = _batch(hf_model.config.vocab_size, seed=6)
+    model = epic_ort.load(out, provider="cpu")
+    a, _ = model.forward(ids, model.empty_cache(3), mask)
+    ref = _torch_logits(hf_model, ids, mask)[:, -1]
+    np.testing.assert_allclose(a, ref, atol=1e-4)

@@ -75,3 +75,19 @@ def test_whatever_packs_rebuilds_exactly():
             outcomes[kind] += 1
             np.testing.assert_array_equal(packed.unpack(), weight)
     assert outcomes == {"extremes": 20, "random": outcomes["random"], "eight_bit": 0}
+
+
+def test_midpoint_offsets_rebuild_exactly():
+    """Levels read as q - 8 (MatMulNBits without zero points) plus offsets m + 8d give the same
+    float32 weights; where float32 cannot hold m + 8d exactly there are no such offsets."""
+    from epic_ort.export.packing import PackedWeight
+
+    rng = np.random.default_rng(6)
+    weight, levels = q4_1_reference((rng.standard_normal((24, 96)) * 0.05).astype(np.float32))
+    packed = pack_four_bit(weight)
+    mid = packed.midpoint_offsets()
+    assert mid is not None and mid.dtype == np.float32
+    blocks = (levels.reshape(24, 3, BLOCK).astype(np.float32) - 8)
+    np.testing.assert_array_equal((packed.scales[..., None] * blocks + mid[..., None]).reshape(24, 96), weight)
+    far_apart = PackedWeight(packed.levels[:1, :1], np.array([[2.0 ** -24]], np.float32), np.array([[8.0]], np.float32))
+    assert far_apart.midpoint_offsets() is None  # 8 + 2^-21 needs 25 significant bits

@@ -211,16 +211,18 @@ def build_llama_onnx(hf_model: Any, path: Path, opset: int = OPSET, pack_weights
             return g.op("MatMul", name, [x, g.const(key, stacked.T)], [shape])
         packed_count += 1
         blocks = in_features // BLOCK
-        levels = g.const(key + ".levels", packed.levels)
-        scales = g.const(key + ".scales", packed.scales.reshape(-1))
-        zero_points = g.const(key + ".zero_points", np.zeros(out_features * ((blocks + 1) // 2), np.uint8))
+        operands = [x, g.const(key + ".levels", packed.levels), g.const(key + ".scales", packed.scales.reshape(-1))]
+        offsets = packed.midpoint_offsets()  # levels read as q - 8 (no zero points: the faster kernel)
+        if offsets is None:  # levels read as q, with explicit zero points 0
+            offsets = packed.offsets
+            operands.append(g.const(key + ".zero_points", np.zeros(out_features * ((blocks + 1) // 2), np.uint8)))
         if blocks not in block_shapes:
             block_shapes[blocks] = g.const(f"packing/block_shape_{blocks}", [0, 0, blocks, BLOCK], np.int64)
-        main = g.op("MatMulNBits", name, [x, levels, scales, zero_points], [shape], domain=MS_DOMAIN,
+        main = g.op("MatMulNBits", name, operands, [shape], domain=MS_DOMAIN,
                     K=in_features, N=out_features, bits=4, block_size=BLOCK, accuracy_level=0)
         grouped = g.op("Reshape", name + "/blocks", [x, block_shapes[blocks]], [[B, S, blocks, BLOCK]])
         sums = g.op("ReduceSum", name + "/block_sums", [grouped, last_axis], [[B, S, blocks]], keepdims=0)
-        shift = g.op("MatMul", name + "/offsets", [sums, g.const(key + ".offsets", packed.offsets.T)], [shape])
+        shift = g.op("MatMul", name + "/offsets", [sums, g.const(key + ".offsets", offsets.T)], [shape])
         return g.op("Add", name + "/with_offsets", [main, shift], [shape])
 
     # --- shared by all layers: the attention mask and the rotary tables ------------------------

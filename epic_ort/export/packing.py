@@ -9,9 +9,10 @@ MatMulNBits (accuracy_level 0) turns them back into float32 block by block and m
 float32, so the model computes the same function, differing only in summation order.
 
 MatMulNBits' zero point is an integer level, and m / d is not, so the offsets go through a
-second, small product: x @ W.T = MatMulNBits(x; q, d, zero point 0) + blocksums(x) @ M.T,
-where blocksums(x) sums each block of 32 inputs and M holds one offset per block (1/32 of
-the float32 weights).
+second, small product: x @ W.T = MatMulNBits(x; q, d) + blocksums(x) @ M.T, where
+blocksums(x) sums each block of 32 inputs and M holds one offset per block (1/32 of the
+float32 weights). MatMulNBits reads levels as q - 8 (no zero-point input: its faster kernel),
+so M holds m + 8 d, exact in float32, or m with explicit zero points 0 where it is not.
 
 A tensor is packed only when every block rebuilds bit for bit (float32(d * q + m) == w);
 anything else stays a float32 MatMul. Needs only NumPy.
@@ -25,6 +26,7 @@ import numpy as np
 
 BLOCK = 32  # llama.cpp's block length (Q4_0, Q4_1, Q5_*, Q8_0)
 LEVELS = 16  # 4 bits
+MIDPOINT = 8  # MatMulNBits' zero point for 4 bits when none is given
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,15 @@ class PackedWeight:
     def shape(self) -> tuple[int, int]:
         out, blocks = self.scales.shape
         return out, blocks * BLOCK
+
+    def midpoint_offsets(self) -> np.ndarray | None:
+        """Offsets for levels read as level - 8, which is how MatMulNBits reads them when it gets
+        no zero-point input (its faster kernel, ~10% at one row): m + 8 d, or None where float32
+        cannot hold that sum exactly (d and m are float16 numbers of similar size in a Q4_1
+        block, so in practice it always can)."""
+        wide = self.offsets.astype(np.float64) + MIDPOINT * self.scales.astype(np.float64)
+        narrow = wide.astype(np.float32)
+        return narrow if np.array_equal(narrow.astype(np.float64), wide) else None
 
     def unpack(self) -> np.ndarray:
         """The float32 weight again (what the tests compare with)."""
