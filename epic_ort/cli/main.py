@@ -55,7 +55,7 @@ def main() -> None:
               help="lean: epic-ort's own Llama graph (fewer ops, faster; CPU only); auto: lean where the model supports it, "
                    "Optimum's graph for fp16 (GPUs).")
 @click.option("--unpacked", is_flag=True,
-              help="Store every weight as float32, even those that are exactly 4-bit blocks (a Q4_1 GGUF's), which "
+              help="Lean graph: store every weight as float32, even those that are exactly 4-bit blocks (a Q4_1 GGUF's), which "
                    "the lean graph otherwise keeps as 4-bit: same numbers, faster at batch 1.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT_DIR if it exists.")
 def export(model: str, output_dir: Path, opset: int | None, dtype: str, quantize: str | None, graph: str,
