@@ -369,3 +369,11 @@ def test_explicit_zero_points_where_midpoint_offsets_are_inexact(lean, tmp_path,
     a, _ = model.forward(ids, model.empty_cache(3), mask)
     ref = _torch_logits(hf_model, ids, mask)[:, -1]
     np.testing.assert_allclose(a, ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["llama", "q4_1"])
+def test_every_initializer_is_used(lean, variant):
+    """ONNX Runtime warns on stderr about initializers no node reads."""
+    graph = onnx.load(str(lean[variant][1] / "model.onnx")).graph
+    read = {name for n in graph.node for name in n.input}
+    assert {i.name for i in graph.initializer} <= read

@@ -194,8 +194,15 @@ def build_llama_onnx(hf_model: Any, path: Path, opset: int = OPSET, pack_weights
     bse = [B, S, hidden]
 
     packed_count = 0
-    block_shapes: dict[int, str] = {}
-    last_axis = g.const("packing/last_axis", [-1], np.int64)
+    made: set[str] = set()
+
+    def shared_const(name: str, value: list[int]) -> str:
+        """An int64 constant the packed products share, written on first use (none when nothing packs:
+        ONNX Runtime warns about unused initializers)."""
+        if name not in made:
+            made.add(name)
+            g.const(name, value, np.int64)
+        return name
 
     def project(name: str, x: str, *weights: str) -> str:
         """x @ W.T for nn.Linear weights [out, in] (several: stacked along out, one product).
@@ -216,12 +223,12 @@ def build_llama_onnx(hf_model: Any, path: Path, opset: int = OPSET, pack_weights
         if offsets is None:  # levels read as q, with explicit zero points 0
             offsets = packed.offsets
             operands.append(g.const(key + ".zero_points", np.zeros(out_features * ((blocks + 1) // 2), np.uint8)))
-        if blocks not in block_shapes:
-            block_shapes[blocks] = g.const(f"packing/block_shape_{blocks}", [0, 0, blocks, BLOCK], np.int64)
         main = g.op("MatMulNBits", name, operands, [shape], domain=MS_DOMAIN,
                     K=in_features, N=out_features, bits=4, block_size=BLOCK, accuracy_level=0)
-        grouped = g.op("Reshape", name + "/blocks", [x, block_shapes[blocks]], [[B, S, blocks, BLOCK]])
-        sums = g.op("ReduceSum", name + "/block_sums", [grouped, last_axis], [[B, S, blocks]], keepdims=0)
+        block_shape = shared_const(f"packing/block_shape_{blocks}", [0, 0, blocks, BLOCK])
+        grouped = g.op("Reshape", name + "/blocks", [x, block_shape], [[B, S, blocks, BLOCK]])
+        sums = g.op("ReduceSum", name + "/block_sums", [grouped, shared_const("packing/last_axis", [-1])],
+                    [[B, S, blocks]], keepdims=0)
         shift = g.op("MatMul", name + "/offsets", [sums, g.const(key + ".offsets", offsets.T)], [shape])
         return g.op("Add", name + "/with_offsets", [main, shift], [shape])
 
