@@ -21,6 +21,7 @@ The parent imports neither torch nor onnxruntime: only `tokenizers`, to build th
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -645,8 +646,6 @@ def plot_results(results: list[dict[str, Any]]) -> bytes:
     bx.set_title(f"EPIC (alpha {EPIC['alpha']}, k {EPIC['horizon']}, R {EPIC['rollouts']})", fontsize=10)
     bx.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()

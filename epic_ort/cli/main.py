@@ -69,11 +69,11 @@ def export(model: str, output_dir: Path, opset: int | None, dtype: str, quantize
         f"exported {manifest.source} -> {output_dir} ({manifest.graph} graph, {manifest.num_layers} layers, "
         f"vocab {manifest.vocab_size}, "
         f"{manifest.dtype}{', ' + manifest.quantization if manifest.quantization else ''}"
-        f"{packed_note(manifest.extra.get('packed_products'))})"
+        f"{_packed_note(manifest.extra.get('packed_products'))})"
     )
 
 
-def packed_note(count: int | None) -> str:
+def _packed_note(count: int | None) -> str:
     return f", {count} products kept as their exact 4-bit blocks" if count else ""
 
 
