@@ -423,6 +423,37 @@ def test_forward_passes_per_token(tiny_llama, peaky_llama):
     assert again == tokens
 
 
+def test_pruner_stops_what_cannot_win_and_later_rounds_nothing_else():
+    """Before each further depth a candidate whose bound, tightened by the terms computed so far,
+    cannot beat its row's best score stops (it can never win). Later rounds stop exactly those: their
+    candidates may be needed. The first round also stops candidates far below the best it expects."""
+    from epic_ort.epic.sampler import _RowSearch
+
+    V, k, alpha = 50, 4, 0.5
+    rng = np.random.default_rng(3)
+    search = LazySearch(log_softmax(rng.standard_normal(V)), gumbel(rng, V), alpha, k * math.log(V))
+    order = np.argsort(-search.bound)
+    search.update(order[:1], np.array([9.0]))  # the best so far: the top bound, Ĥ = 9
+    rows = [Row(0, 0, [1], np.random.default_rng(0))]
+    toks = order[1:21]
+    lower = rng.uniform(0.0, 4.0, size=toks.size)  # the terms of Ĥ computed so far
+    upper = search.bound[toks] - alpha * lower
+    kept = {}
+    for slack in (2.0, 0.0):
+        chooser = EpicChooser(alpha=alpha, horizon=k, rollouts=2, prune_slack=slack)
+        states = [_RowSearch(search, seed=0, group=0)]
+        for terms in (1, 2, 3):
+            later = chooser._pruner(rows, states, [0] * toks.size, toks.tolist(), expected=False)
+            first = chooser._pruner(rows, states, [0] * toks.size, toks.tolist(), expected=True)
+            idx = np.arange(toks.size)
+            go_later, go_first = later(idx, lower, terms), first(idx, lower, terms)
+            np.testing.assert_array_equal(go_later, upper > search.best_score)
+            assert not (go_first & ~go_later).any()
+            kept[slack, terms] = int(go_first.sum()), int(go_later.sum())
+    assert 0 < (upper > search.best_score).sum() < toks.size  # both kinds are present
+    assert kept[0.0, 1][0] < kept[0.0, 1][1]  # slack 0: the first round stops more
+
+
 def test_packing_budget_lets_one_wide_row_among_many_be_packed(tiny_llama):
     """Many batch rows, one of them with a wide tree: laying the trees out in the cache's own rows
     would run every row as wide as that one (padding whose activations cost more than copying

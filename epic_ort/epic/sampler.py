@@ -17,6 +17,9 @@ candidates whose tightened bound falls well below the best score this round is e
 stop their rollouts. The search stays exact: a stopped candidate keeps its tightened bound and is
 evaluated in full in a later round if the true best turns out not to beat it.
 
+Later rounds stop rollouts only where that is certain: once a candidate's bound, tightened by the
+terms computed so far, is no better than the best score already found, it can never win.
+
 With horizon 1 Ĥ is deterministic, so rows whose whole history is identical (several samples of one
 prompt) evaluate each shared candidate once.
 """
@@ -132,7 +135,7 @@ class EpicChooser:
                 # pruner looks at them (it stops more rollouts knowing a better best)
                 p_c, t_c = parents_a[idx].tolist(), tokens_a[idx].tolist()
                 res = lookahead_entropy(model, cache, p_c, t_c, uniforms[idx], self.horizon, self.processors,
-                                        keep=self._pruner(rows, states, p_c, t_c) if rounds == 0 else None)
+                                        keep=self._pruner(rows, states, p_c, t_c, expected=rounds == 0))
                 pos = np.full(len(tokens), -1)
                 pos[idx] = np.arange(idx.size)
                 for i, cands, slots in per_row:
@@ -158,7 +161,7 @@ class EpicChooser:
                         # keep only the best's state: the call's caches are freed before the next one
                         st.winner = (res.first_logits[k].copy(), branch(res.first_cache, k), float(res.first_entropy[k]))
                 del res
-            rounds += 1  # only the first round stops rollouts early: later rounds hold candidates that are needed
+            rounds += 1
 
         chosen = np.array([st.search.best_token for st in states], dtype=np.int64)
         if self.step_log is not None:
@@ -177,11 +180,14 @@ class EpicChooser:
                   "lookahead_tokens": st.lookahead_tokens} for st in states]
         return StepResult(chosen, next_logits, next_cache, stats)
 
-    def _pruner(self, rows: Sequence[Row], states: list[_RowSearch], parents: list[int], tokens: list[int]) -> Any:
-        """`keep` for one first-round lookahead call. Before each further depth, a candidate goes on
-        if its bound, tightened by the terms of Ĥ computed so far, is within a·prune_slack of the
-        best score its row is expected to reach: the best, over this call's candidates of the row,
-        of bound − a·(terms so far + the sample's recent entropy in the remaining terms)."""
+    def _pruner(self, rows: Sequence[Row], states: list[_RowSearch], parents: list[int], tokens: list[int],
+                expected: bool) -> Any:
+        """`keep` for one lookahead call. Before each further depth, a candidate goes on if its
+        bound, tightened by the terms of Ĥ computed so far, beats its row's best score found so far
+        (else it can never win) and, in the first round (`expected`), is within a·prune_slack of the
+        best score the row is expected to reach: the best, over this call's candidates of the row,
+        of bound − a·(terms so far + the sample's recent entropy in the remaining terms). Later
+        rounds hold candidates that may be needed, so only the first test applies there."""
         if self.prune_slack is None or self.horizon == 1 or self.alpha == 0:
             return None
         k = self.horizon
@@ -203,8 +209,10 @@ class EpicChooser:
                 rest = min(max(rest * (k - terms) / (k - 1), 0.0), rest_max)  # what is left after `terms` terms
                 t = toks[idx[at]]
                 upper = search.upper_bound(t, lower[at], lower[at] + rest_max)
-                expected = search.bound[t] - self.alpha * (lower[at] + rest)
-                target = max(search.best_score, float(expected.max())) - abs(self.alpha) * self.prune_slack
+                target = search.best_score
+                if expected:
+                    reach = search.bound[t] - self.alpha * (lower[at] + rest)
+                    target = max(target, float(reach.max()) - abs(self.alpha) * self.prune_slack)
                 mask[at] = upper > target
             return mask
 
