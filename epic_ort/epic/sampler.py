@@ -15,7 +15,7 @@ tightens each bound by a·h0, and each further depth tightens it by its term. Be
 candidates whose tightened bound falls well below the best score this round is expected to reach
 (each candidate's bound − a·(terms so far + the sample's recent entropy in the remaining terms))
 stop their rollouts. The search stays exact: a stopped candidate keeps its tightened bound and is
-evaluated in full in a later round if the true best turns out not to beat it.
+taken up again in a later round if the true best turns out not to beat it.
 
 Later rounds stop rollouts only where that is certain: once a candidate's bound, tightened by the
 terms computed so far, is no better than the best score already found, it can never win.
