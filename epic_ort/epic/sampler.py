@@ -201,22 +201,28 @@ class EpicChooser:
             for i in np.unique(par[idx]).tolist():
                 at = np.flatnonzero(par[idx] == i)
                 search = states[i].search
-                key = (rows[i].prompt_index, rows[i].sample_index)
-                rest = self._rest_recent.get(key)
-                if rest is None:  # a sample's first step: other samples' figure, else later depths like depth 0
-                    others = list(self._rest_recent.values())
-                    rest = float(np.mean(others)) if others else (k - 1) * float(np.median(lower[at] / terms))
-                rest = min(max(rest * (k - terms) / (k - 1), 0.0), rest_max)  # what is left after `terms` terms
                 t = toks[idx[at]]
                 upper = search.upper_bound(t, lower[at], lower[at] + rest_max)
                 target = search.best_score
                 if expected:
+                    rest = self._expected_rest(rows[i], lower[at], terms, rest_max)
                     reach = search.bound[t] - self.alpha * (lower[at] + rest)
                     target = max(target, float(reach.max()) - abs(self.alpha) * self.prune_slack)
                 mask[at] = upper > target
             return mask
 
         return keep
+
+    def _expected_rest(self, row: Row, lower: np.ndarray, terms: int, rest_max: float) -> float:
+        """The entropy a candidate of `row` may still add after `terms` terms: this sample's recent
+        winners' Ĥ − h0, scaled to the terms left (a sample's first step: other samples' figure,
+        else later depths like the ones computed)."""
+        k = self.horizon
+        rest = self._rest_recent.get((row.prompt_index, row.sample_index))
+        if rest is None:
+            others = list(self._rest_recent.values())
+            rest = float(np.mean(others)) if others else (k - 1) * float(np.median(lower / terms))
+        return min(max(rest * (k - terms) / (k - 1), 0.0), rest_max)
 
     def _chunks(self, model: CausalLM, cache: KVCache, parents: list[int]) -> list[np.ndarray]:
         """Split a round's candidates (indices, ascending) into lookahead calls.
