@@ -15,7 +15,7 @@ import pytest
 import epic_ort
 from epic_ort.decoding import GenerationConfig, Row, plain_chooser
 from epic_ort.epic.lazy import LazySearch, eager_gumbel_max, lazy_gumbel_max
-from epic_ort.epic.lookahead import lookahead_entropy
+from epic_ort.epic.lookahead import can_run_ahead, lookahead_entropy
 from epic_ort.sampling.sample import inverse_cdf
 from epic_ort.epic.sampler import EpicChooser
 from epic_ort.sampling.processors import build_processors, entropy, log_softmax
@@ -401,8 +401,9 @@ def _cost(model, k, alpha, batch_size):
     evals = sum(s.stats["entropy_evals"] for s in samples) / tokens
     for s in samples:
         assert s.stats["lookahead_tokens"] > 0
-        # every token costs one lookahead round (k calls), at most two: round 2 takes every live candidate
-        assert k * s.stats["tokens"] <= s.stats["forward_passes"] <= 2 * k * s.stats["tokens"]
+        # every token costs one lookahead round (k calls; k − 1 when its depth 0 was run ahead), at
+        # most two: round 2 takes every live candidate
+        assert (k - 1) * s.stats["tokens"] < s.stats["forward_passes"] <= 2 * k * s.stats["tokens"]
     key = lambda s: (s.prompt_index, s.sample_index)  # noqa: E731
     return ratio, evals, [s.token_ids for s in sorted(samples, key=key)]
 
@@ -473,3 +474,78 @@ def test_packing_budget_lets_one_wide_row_among_many_be_packed(tiny_llama):
     assert packed.shape[0] < 200 and packed.shape[1] > 1
     _, _, rows = la._pack_units(parents, 10, 128, tree_keys, cache_rows=200, copy_slots=0)
     np.testing.assert_array_equal(rows[:, 0], np.arange(200))
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. running the next step's depth 0 ahead changes cost, not results
+# ---------------------------------------------------------------------------------------------
+
+
+def test_depth0_run_ahead_equals_running_it(tiny_llama):
+    """The next step's candidates, run as children of a candidate in the last depth's call, give
+    the logits and cache columns a fresh depth 0 after that candidate gives; passed back as
+    `given`, the lookahead computes the same Ĥ with one ORT call fewer."""
+    model, k, R = tiny_llama, 3, 2
+    assert can_run_ahead(model)
+    ids = model.encode(PROMPT)
+    rng = np.random.default_rng(5)
+    _, cache = model.prefill([ids], room=64)
+    cands = np.array([4, 7, 19, 22])
+    nxt = np.array([9, 3, 30, 12, 5])  # the next step's block after candidate 1
+    asked = []
+
+    def run_ahead(idx, lower, logits0):
+        asked.append((idx.copy(), lower.copy()))
+        return [(1, nxt)]
+
+    u = rng.random((cands.size, R, k - 1))
+    look = lookahead_entropy(model, cache, [0] * cands.size, cands, u, k, run_ahead=run_ahead)
+    assert len(asked) == 1 and look.calls == k  # asked once, before the last depth; no extra call
+    assert [c.candidate for c in look.ahead] == [1]
+    run = look.ahead[0]
+    np.testing.assert_array_equal(run.tokens, nxt)
+    # the same Ĥ as without running ahead (the extra tokens see none of the rollouts)
+    plain = lookahead_entropy(model, cache, [0] * cands.size, cands, u, k)
+    np.testing.assert_allclose(look.entropy, plain.entropy, atol=1e-5)
+    assert look.candidate_tokens[1] == plain.candidate_tokens[1] + nxt.size
+
+    # the step after candidate 1, from scratch and from what was run ahead
+    _, after = model.prefill([ids + [int(cands[1])]], room=64)
+    u2 = rng.random((nxt.size, R, k - 1))
+    ref = lookahead_entropy(model, after, [0] * nxt.size, nxt, u2, k)
+    np.testing.assert_allclose(run.logits, ref.first_logits, atol=1e-4)
+    _, after2 = model.prefill([ids + [int(cands[1])]], room=64)
+    given = (np.ones(nxt.size, dtype=bool), run.logits, run.columns)
+    got = lookahead_entropy(model, after2, [0] * nxt.size, nxt, u2, k, given=given)
+    assert got.calls == ref.calls - 1 == k - 1
+    np.testing.assert_allclose(got.entropy, ref.entropy, atol=1e-5)
+    assert got.candidate_tokens.sum() == ref.candidate_tokens.sum() - nxt.size
+    # the chosen candidate's cache continues like the reference's
+    a, _ = model.step(np.array([6]), got.first_cache.select([2]))
+    b, _ = model.step(np.array([6]), ref.first_cache.select([2]))
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    # part given, part run: the same again, with a call for depth 0
+    half = np.arange(nxt.size) < 2
+    _, after3 = model.prefill([ids + [int(cands[1])]], room=64)
+    part = lookahead_entropy(model, after3, [0] * nxt.size, nxt, u2, k,
+                             given=(half, run.logits[half], [c[half] for c in run.columns]))
+    assert part.calls == k
+    np.testing.assert_allclose(part.entropy, ref.entropy, atol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.5, -0.5])
+def test_running_ahead_changes_cost_not_samples(tiny_llama, peaky_llama, alpha):
+    """Generation with and without running ahead: the same tokens, fewer ORT calls with it."""
+    k = 3
+    for model in (tiny_llama, peaky_llama):
+        out, passes = {}, {}
+        for ahead in (False, True):
+            cfg = GenerationConfig(max_new_tokens=20, alpha=alpha, horizon=k, rollouts=2, seed=11)
+            chooser = EpicChooser(alpha=alpha, horizon=k, rollouts=2, processors=cfg.processors(), run_ahead=ahead)
+            samples = list(epic_ort.generate(model, [PROMPT, "a dog"], cfg, num_samples=2, batch_size=1, chooser=chooser))
+            out[ahead] = [s.token_ids for s in samples]
+            passes[ahead] = sum(s.stats["forward_passes"] for s in samples)
+            tokens = sum(s.stats["tokens"] for s in samples)
+        assert out[True] == out[False]
+        assert (k - 1) * tokens < passes[True] < passes[False]
+        print(f"alpha {alpha}: forward passes/token {passes[False] / tokens:.2f} -> {passes[True] / tokens:.2f}")

@@ -23,11 +23,20 @@ depend on which other candidates shared the call.
 Depth 0 already gives Ĥ's first term exactly, and each further depth adds one term. Before each
 further depth a caller-supplied `keep` looks at the terms computed so far and says which candidates
 go on (R rows each per depth): the sampler stops those that can no longer win, at no extra ORT call.
+
+Running the next step's depth 0 ahead (token trees on graphs that write in place): a next step's
+candidates are children of this step's winner, i.e. tree nodes at depth 1 under it, like its
+rollouts' first tokens. Before the last depth a caller-supplied `run_ahead` may name, for the
+candidate most likely to win, the next step's first candidates; they ride along in the last depth's
+call (a few more tokens in a call that runs anyway), and their logits and key/value columns come
+back as `Continuation`s. If that candidate wins, the next step passes them back as `given` and
+skips its depth-0 call: k−1 calls per token instead of k. What is computed is the same either way
+(the same tokens at the same positions over the same keys), so this changes cost only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -47,9 +56,23 @@ class Lookahead:
     first_logits: np.ndarray  # [n, V] raw logits of q(. | x, y)
     first_cache: KVCache | TreeBranches  # .select(candidates): the cache after the prefix plus y
     calls: int  # ORT calls made
+    ahead: list["Continuation"] = field(default_factory=list)  # depth 0 of the next step, run ahead
+
+
+@dataclass
+class Continuation:
+    """The next step's depth 0 for a few tokens after one candidate: what `lookahead_entropy`
+    takes back as `given` once that candidate has been chosen."""
+
+    candidate: int  # index into the call's candidates: the token these continue
+    tokens: np.ndarray  # [m] the next step's candidates
+    logits: np.ndarray  # [m, V] raw logits of q(. | x, candidate, token)
+    columns: list[np.ndarray]  # per cache tensor [m, kv_heads, head_dim]: each token's keys/values
 
 
 Keep = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
+Given = tuple[np.ndarray, np.ndarray, Sequence[np.ndarray]]  # which candidates, their depth-0 logits, columns
+RunAhead = Callable[[np.ndarray, np.ndarray, np.ndarray], list[tuple[int, np.ndarray]]]
 
 
 def lookahead_entropy(
@@ -61,6 +84,8 @@ def lookahead_entropy(
     horizon: int,
     processors: ProcessorList | None = None,
     keep: Keep | None = None,
+    run_ahead: RunAhead | None = None,
+    given: Given | None = None,
 ) -> Lookahead:
     """Ĥ for candidate i = token candidates[i] appended to cache row parents[i].
 
@@ -69,6 +94,12 @@ def lookahead_entropy(
     keep(idx, lower, terms): before each further depth, given the candidates still running (indices
     into `candidates`), the sum of their first `terms` terms of Ĥ (rollout means), a bool mask of
     those whose rollouts go on. The others come back incomplete, with `lower` as a lower bound.
+    run_ahead(idx, lower, logits0): before the last depth, given the candidates going on and their
+    terms so far (as for `keep`) and every candidate's depth-0 logits, a list of (candidate index,
+    next-step tokens) to run ahead (see the module docstring); used where `can_run_ahead(model)`.
+    given: depth 0 already run (by an earlier call's run_ahead) for some candidates: a mask [n] of
+    which, their logits [m, V] and key/value columns (per cache tensor [m, kv_heads, head_dim]);
+    the others run as usual. Ignored (all run) where it cannot be used.
     """
     parents = np.asarray(parents, dtype=np.int64)
     cands = np.asarray(candidates, dtype=np.int64)
@@ -79,7 +110,8 @@ def lookahead_entropy(
 
     rows: _TreeRows | _ForkedRows = (_TreeRows(model, cache, parents, uniforms.shape[1], horizon)
                                      if model.supports_trees else _ForkedRows(model, horizon))
-    logits0, first_cache = rows.first(cache, parents, cands)
+    ahead_ok = can_run_ahead(model)
+    logits0, first_cache = rows.first(cache, parents, cands, given if ahead_ok else None)
     scores0 = procs(no_ids, logits0) if procs else logits0
     alive0 = ~np.isin(cands, eos)
     room = model.max_positions - int(cache.next_position[parents].max() + 1)
@@ -88,7 +120,9 @@ def lookahead_entropy(
     h0 = np.where(alive0, h0, 0.0)
     lower = h0.copy()
     terms = np.ones(n, dtype=np.int64)
-    cand_tokens = np.ones(n, dtype=np.int64)
+    cand_tokens = np.zeros(n, dtype=np.int64)
+    cand_tokens[rows.ran_first] = 1  # depth 0 run in this call (not given)
+    ahead: list[Continuation] = []
 
     active = np.arange(n)
     if depth > 1 and keep is not None:
@@ -103,7 +137,19 @@ def lookahead_entropy(
         u = uniforms[active].reshape(tile.size, -1)
         for j in range(1, depth):
             alive &= ~np.isin(z, eos)
-            logits_j = rows.step(z, j)
+            asks = run_ahead(active, lower[active], logits0) if ahead_ok and run_ahead and j + 1 == depth == horizon \
+                and room >= 2 else []
+            if asks:
+                owner = np.concatenate([np.full(t.size, c, dtype=np.int64) for c, t in asks])
+                logits_j, ahead_logits, columns = rows.step_ahead(z, j, owner, np.concatenate([t for _, t in asks]))
+                at = 0
+                for c, t in asks:
+                    ahead.append(Continuation(c, t, ahead_logits[at:at + t.size],
+                                              [col[at:at + t.size] for col in columns]))
+                    cand_tokens[c] += t.size
+                    at += t.size
+            else:
+                logits_j = rows.step(z, j)
             cand_tokens[active] += rollouts
             scores_j = procs(np.zeros((tile.size, 0), dtype=np.int64), logits_j) if procs else logits_j
             h_j, draws = entropy_and_draws(scores_j, u[:, j] if j + 1 < depth else None)
@@ -123,7 +169,12 @@ def lookahead_entropy(
                     z, alive, acc, u = z[rows_go], alive[rows_go], acc[rows_go], u[rows_go]
     complete = terms >= depth
     h = np.where(complete, lower, np.nan)
-    return Lookahead(h, h0, complete, lower, terms, cand_tokens, logits0, first_cache, rows.calls)
+    return Lookahead(h, h0, complete, lower, terms, cand_tokens, logits0, first_cache, rows.calls, ahead)
+
+
+def can_run_ahead(model: CausalLM) -> bool:
+    """Whether `run_ahead`/`given` apply: token trees written in place, into NumPy buffers."""
+    return model.supports_trees and model.kv_in_place
 
 
 MAX_UNIT_TOKENS = 256  # tree tokens of one unit in one call (rotary tables also cap it at max_positions)
@@ -139,10 +190,12 @@ class _ForkedRows:
         self.cache0: KVCache | None = None
         self.cache_r: KVCache | None = None
 
-    def first(self, cache: KVCache, parents: np.ndarray, cands: np.ndarray) -> tuple[np.ndarray, KVCache]:
+    def first(self, cache: KVCache, parents: np.ndarray, cands: np.ndarray, given: Given | None = None
+              ) -> tuple[np.ndarray, KVCache]:
         room = self.horizon if self.model.kv_in_place else 0
         logits0, self.cache0 = self.model.step(cands, cache.select(parents, room=room))  # freed on return
         self.calls += 1
+        self.ran_first = np.arange(cands.size)
         return logits0, self.cache0
 
     def start_rollouts(self, tile: np.ndarray) -> None:
@@ -180,11 +233,11 @@ class _TreeRows:
         self.row_cand: np.ndarray | None = None  # rollout rows: their candidate, and the key columns
         self.row_path: np.ndarray | None = None  # of their tree ancestors
 
-    def _run(self, tokens: np.ndarray, cand: np.ndarray, depth: int, ancestors: np.ndarray | None
+    def _run(self, tokens: np.ndarray, cand: np.ndarray, depth: int | np.ndarray, ancestors: np.ndarray | None
              ) -> tuple[np.ndarray, np.ndarray]:
         """Feed one token per entry of `cand` (the candidate each belongs to), at tree depth
-        `depth`; return their logits and key columns. `ancestors` [tokens, d]: tree key columns
-        each token also sees, besides its prefix and itself."""
+        `depth` (one for all, or one per token); return their logits and key columns.
+        `ancestors` [tokens, d]: tree key columns each token also sees, besides its prefix and itself."""
         units, unit = int(self.unit_parents.shape[0]), self.cand_unit[cand]
         col = _slot_in_unit(unit, units)
         width, past, span = int(col.max()) + 1, self.cache.length, self.blocks * self.prefix_len
@@ -202,21 +255,67 @@ class _TreeRows:
         if ancestors is not None:
             for a in range(ancestors.shape[1]):
                 tree[unit, col, ancestors[:, a]] = True
-        if self.in_prefix and self.cache.capacity < past + width:
-            # grow the decoding cache itself, tree so far included, so later steps find the room
-            self.prefix.reserve(width, headroom=growth_headroom(past, width), used=past)
-            self.cache = _rows(self.prefix, int(self.unit_parents[0, 0]), units, self.cache.attention_mask,
-                               self.cache.next_position)
+        self._make_room(width)
         logits, self.cache = self.model.forward(ids, self.cache, real, positions=positions, tree_mask=tree,
                                                 logits_at=(unit, col), scratch=True)
         self.calls += 1
         return logits, past + col
 
-    def first(self, cache: KVCache, parents: np.ndarray, cands: np.ndarray) -> tuple[np.ndarray, "TreeBranches"]:
-        everyone = np.arange(cands.size)
-        logits0, keys = self._run(cands, everyone, 0, None)
+    def _make_room(self, width: int) -> None:
+        """Room for `width` more tree tokens: a tree in the decoding cache's own room grows that
+        cache itself, tree so far included, so later steps find the room."""
+        past = self.cache.length
+        if self.in_prefix and self.cache.capacity < past + width:
+            self.prefix.reserve(width, headroom=growth_headroom(past, width), used=past)
+            self.cache = _rows(self.prefix, int(self.unit_parents[0, 0]), int(self.unit_parents.shape[0]),
+                               self.cache.attention_mask, self.cache.next_position)
+
+    def _place(self, cand: np.ndarray, columns: Sequence[np.ndarray]) -> np.ndarray | None:
+        """Write candidates `cand`'s depth-0 key/value columns (run ahead by an earlier call) into
+        the tree, after what it holds, as `_run` would have; their key columns, or None where the
+        tree's cache is not ours to write (the caller then runs them)."""
+        units, unit = int(self.unit_parents.shape[0]), self.cand_unit[cand]
+        col = _slot_in_unit(unit, units)
+        width = int(col.max()) + 1
+        self._make_room(width)
+        c, past = self.cache, self.cache.length
+        if c.writes is None or not c.room_is_free or c.capacity < past + width or \
+                not all(isinstance(v, np.ndarray) for v in c.values):
+            return None
+        for v, x in zip(c.values, columns):
+            v[:, :, past:past + width] = 0  # slots no token fills (narrower units) are masked, but must be finite
+            v[unit, :, past + col] = x
+        real = np.zeros((units, width), dtype=np.int64)
+        real[unit, col] = 1
+        c.writes.end, c.writes.scratch = past + width, True
+        self.cache = KVCache(values=c.values, attention_mask=np.concatenate([c.attention_mask, real], axis=1),
+                             next_position=c.next_position + real.sum(axis=1), writes=c.writes)
+        return past + col
+
+    def first(self, cache: KVCache, parents: np.ndarray, cands: np.ndarray, given: Given | None = None
+              ) -> tuple[np.ndarray, "TreeBranches"]:
+        """Depth 0: run the candidates, except those `given` has (placed in the tree instead)."""
+        have = np.zeros(cands.size, dtype=bool) if given is None else np.asarray(given[0], dtype=bool)
+        keys = np.empty(cands.size, dtype=np.int64)
+        logits0: np.ndarray | None = None
+        run = np.flatnonzero(~have)
+        if have.any():
+            placed = self._place(np.flatnonzero(have), given[2])  # type: ignore[index]
+            if placed is None:
+                run = np.arange(cands.size)
+            else:
+                keys[have] = placed
+                logits0 = np.empty((cands.size, given[1].shape[1]), dtype=given[1].dtype)  # type: ignore[index]
+                logits0[have] = given[1]  # type: ignore[index]
+        if run.size:
+            out, keys[run] = self._run(cands[run], run, 0, None)
+            if logits0 is None:
+                logits0 = out
+            else:
+                logits0[run] = out
         self.cand_key = keys
-        return logits0, TreeBranches(cache, parents, self.cache, self.cand_unit, keys)
+        self.ran_first = run
+        return logits0, TreeBranches(cache, parents, self.cache, self.cand_unit, keys)  # type: ignore[arg-type]
 
     def start_rollouts(self, tile: np.ndarray) -> None:
         self.row_cand = tile
@@ -226,6 +325,22 @@ class _TreeRows:
         logits, keys = self._run(tokens, self.row_cand, depth, self.row_path)  # type: ignore[arg-type]
         self.row_path = np.concatenate([self.row_path, keys[:, None]], axis=1)  # type: ignore[list-item]
         return logits
+
+    def step_ahead(self, tokens: np.ndarray, depth: int, owner: np.ndarray, ahead: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """`step`, with the next step's candidates `ahead` riding along as children of candidates
+        `owner` (tree depth 1: they see the prefix, their owner and themselves). Returns the
+        rollouts' logits, then the ahead tokens' logits and key/value columns (copies: the tree is
+        scratch)."""
+        n, path = tokens.size, self.row_path
+        anc = np.concatenate([path, np.repeat(self.cand_key[owner][:, None], path.shape[1], axis=1)])  # type: ignore[index, union-attr]
+        depths = np.concatenate([np.full(n, depth, dtype=np.int64), np.ones(owner.size, dtype=np.int64)])
+        logits, keys = self._run(np.concatenate([tokens, ahead]), np.concatenate([self.row_cand, owner]),  # type: ignore[list-item]
+                                 depths, anc)
+        self.row_path = np.concatenate([path, keys[:n, None]], axis=1)  # type: ignore[list-item]
+        unit = self.cand_unit[owner]
+        columns = [as_numpy(v)[unit, :, keys[n:]] for v in self.cache.values]
+        return logits[:n], logits[n:], columns
 
     def keep(self, mask: np.ndarray) -> None:
         self.row_cand, self.row_path = self.row_cand[mask], self.row_path[mask]  # type: ignore[index]

@@ -20,6 +20,13 @@ taken up again in a later round if the true best turns out not to beat it.
 Later rounds stop rollouts only where that is certain: once a candidate's bound, tightened by the
 terms computed so far, is no better than the best score already found, it can never win.
 
+Running ahead (token-tree graphs that write in place): before a row's last lookahead depth, the
+candidate leading on the terms computed so far (the winner in more than nine steps of ten) gets the
+next step's first block, chosen with the next step's own Gumbels (drawn from a copy of the row's
+random stream, which then draws the same numbers at the next step), run as its children in the
+last depth's call. If it wins, the next step's first round starts at depth 1. The tokens chosen
+are exactly those without it: only which calls compute what changes.
+
 With horizon 1 Ĥ is deterministic, so rows whose whole history is identical (several samples of one
 prompt) evaluate each shared candidate once.
 """
@@ -27,7 +34,7 @@ prompt) evaluate each shared candidate once.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -37,7 +44,8 @@ from ..runtime.model import CausalLM, KVCache
 from ..sampling.processors import ProcessorList, log_softmax
 from ..sampling.sample import gumbel
 from .lazy import LazySearch
-from .lookahead import Branch, branch, lookahead_entropy, merge_branches, packing_budget
+from .lookahead import (Branch, Continuation, branch, can_run_ahead, lookahead_entropy, merge_branches,
+                        packing_budget)
 
 
 @dataclass
@@ -50,6 +58,17 @@ class _RowSearch:
     skipped: int = 0  # candidates whose rollouts stopped early (Ĥ not computed in full)
     calls: int = 0
     lookahead_tokens: int = 0
+    ahead: dict[int, Continuation] = field(default_factory=dict)  # candidate token -> the next step's depth 0
+
+
+@dataclass
+class _Ahead:
+    """A row's next-step depth 0, run ahead after the token it chose."""
+
+    row: Row  # the row it belongs to (the same object at the next step)
+    length: int  # len(row.generated) before that token
+    token: int
+    run: Continuation
 
 
 MIN_TREE_CANDIDATES = 8  # cache room below this many candidates' trees is not room kept for trees
@@ -58,7 +77,7 @@ MIN_TREE_CANDIDATES = 8  # cache room below this many candidates' trees is not r
 class EpicChooser:
     def __init__(self, alpha: float, horizon: int = 4, rollouts: int = 2, processors: ProcessorList | None = None,
                  max_first_block: int = 64, margin: float = 1.0, kv_budget_bytes: int = 1 << 30,
-                 prune_slack: float | None = 2.5):
+                 prune_slack: float | None = 2.5, run_ahead: bool = True):
         if horizon < 1 or rollouts < 1:
             raise ValueError("horizon and rollouts must be >= 1")
         self.alpha = float(alpha)
@@ -69,6 +88,8 @@ class EpicChooser:
         self.margin = margin
         self.kv_budget_bytes = kv_budget_bytes
         self.prune_slack = prune_slack  # nats of rollout entropy the expected best may be off by; None: never skip
+        self.run_ahead = run_ahead  # run the likely winner's next-step depth 0 in the last depth's call
+        self._ahead: dict[int, _Ahead] = {}  # id(row) -> its next step's depth 0, run ahead
         # room the decoding cache keeps for the lookahead's token trees (graphs that write in place):
         # a row's tree holds its candidates and R rollouts of k-1 tokens each (fewer once rollouts
         # stop); 32 candidates covers nearly all steps, and a bigger tree grows the cache once
@@ -103,6 +124,8 @@ class EpicChooser:
             group = (tuple(r.prompt_ids), tuple(r.generated)) if self.horizon == 1 else i
             states.append(_RowSearch(LazySearch(logq[i], g, self.alpha, h_max), seed, group))
 
+        ahead, self._ahead = self._ahead, {}
+        given = [self._given(r, st, ahead.get(id(r))) for r, st in zip(rows, states)]
         rounds = 0
         first_blocks = [self._first_block(r, st.search) for r, st in zip(rows, states)]
         while True:
@@ -113,7 +136,10 @@ class EpicChooser:
             for i, st in enumerate(states):
                 if st.search.done:
                     continue
-                cands = st.search.next_block(first_blocks[i] if rounds == 0 else 0)
+                if rounds == 0 and given[i] is not None:
+                    cands = given[i].tokens  # type: ignore[union-attr]
+                else:
+                    cands = st.search.next_block(first_blocks[i] if rounds == 0 else 0)
                 if cands.size == 0:
                     continue
                 slots = []
@@ -130,12 +156,21 @@ class EpicChooser:
             uniforms = np.stack([self.rollout_uniforms(states[p].seed, t) for p, t in zip(parents, tokens)])
             log_v = math.log(vocab)
             parents_a, tokens_a = np.asarray(parents), np.asarray(tokens)
-            for idx in self._chunks(model, cache, parents):
+            chunks = self._chunks(model, cache, parents)
+            for idx in chunks:
                 # one call after the other, each fed to the searches before the next call's
                 # pruner looks at them (it stops more rollouts knowing a better best)
                 p_c, t_c = parents_a[idx].tolist(), tokens_a[idx].tolist()
+                pre = None
+                if rounds == 0 and len(chunks) == 1 and any(given[i] is not None for i, _, _ in per_row):
+                    pre = self._given_depth0(per_row, given, len(tokens))
                 res = lookahead_entropy(model, cache, p_c, t_c, uniforms[idx], self.horizon, self.processors,
-                                        keep=self._pruner(rows, states, p_c, t_c, expected=rounds == 0))
+                                        keep=self._pruner(rows, states, p_c, t_c, expected=rounds == 0),
+                                        run_ahead=self._ahead_asker(rows, states, p_c, t_c, model.eos_token_ids)
+                                        if self.run_ahead else None,
+                                        given=pre)
+                for run in res.ahead:
+                    states[p_c[run.candidate]].ahead[t_c[run.candidate]] = run
                 pos = np.full(len(tokens), -1)
                 pos[idx] = np.arange(idx.size)
                 for i, cands, slots in per_row:
@@ -174,11 +209,80 @@ class EpicChooser:
                 self._h_recent[key] = 0.5 * self._h_recent.get(key, h_win) + 0.5 * h_win
                 rest = h_win - st.winner[2]  # type: ignore[index]
                 self._rest_recent[key] = 0.5 * self._rest_recent.get(key, rest) + 0.5 * rest
+        for r, st, tok in zip(rows, states, chosen.tolist()):
+            if tok in st.ahead:
+                self._ahead[id(r)] = _Ahead(r, len(r.generated), tok, st.ahead[tok])
         next_logits = np.stack([st.winner[0] for st in states])  # type: ignore[index]
         next_cache = merge_branches([st.winner[1] for st in states])  # type: ignore[index]
         stats = [{"entropy_evals": st.evals, "rollouts_skipped": st.skipped, "forward_passes": st.calls,
                   "lookahead_tokens": st.lookahead_tokens} for st in states]
         return StepResult(chosen, next_logits, next_cache, stats)
+
+    def _given(self, row: Row, st: _RowSearch, ahead: _Ahead | None) -> Continuation | None:
+        """This step's depth 0 if the last step ran it ahead after the token it chose, and every
+        one of its tokens can still be sampled (else the step runs depth 0 itself)."""
+        if ahead is None or ahead.row is not row or len(row.generated) != ahead.length + 1 \
+                or row.generated[-1] != ahead.token:
+            return None
+        run = ahead.run
+        if not np.isfinite(st.search.bound[run.tokens]).all():
+            return None
+        return run
+
+    @staticmethod
+    def _given_depth0(per_row: list[tuple[int, np.ndarray, list[int]]], given: list[Continuation | None],
+                      n: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """`given` for a first round's lookahead call (all its candidates, in request order): the
+        rows whose block was run ahead."""
+        have = np.zeros(n, dtype=bool)
+        runs = []
+        for i, _, slots in per_row:
+            if given[i] is not None:
+                have[slots] = True
+                runs.append(given[i])
+        logits = np.concatenate([g.logits for g in runs])  # type: ignore[union-attr]
+        return have, logits, [np.concatenate(cols) for cols in zip(*(g.columns for g in runs))]  # type: ignore[union-attr]
+
+    def _ahead_asker(self, rows: Sequence[Row], states: list[_RowSearch], parents: list[int], tokens: list[int],
+                     eos_ids: Any) -> Any:
+        """`run_ahead` for one lookahead call: the candidate leading on the terms of Ĥ computed so
+        far gets the next step's first block, sized as `_first_block` sizes it, under the next
+        step's Gumbels (a copy of the row's stream draws them). None where the best so far comes
+        from an earlier call (its tree is gone) or leads with an end-of-sequence token.
+
+        Only calls of one batch row run ahead. With several, calls are wide, so a call saved costs
+        little more than its tokens, and every row's tree is padded to the widest: measured on
+        SmolLM2 (a = 0.2, 6 prompts, 20 tokens), per token 10% faster at batch 1, 1.5% at batch 2,
+        5% and 11% slower at batch 4 and 8."""
+        par = np.asarray(parents)
+        if np.unique(par).size > 1:
+            return None
+        toks = np.asarray(tokens, dtype=np.int64)
+        eos = {int(t) for t in eos_ids}
+
+        def ask(idx: np.ndarray, lower: np.ndarray, logits0: np.ndarray) -> list[tuple[int, np.ndarray]]:
+            asks = []
+            for i in np.unique(par[idx]).tolist():
+                at = np.flatnonzero(par[idx] == i)
+                st = states[i]
+                partial = st.search.bound[toks[idx[at]]] - self.alpha * lower[at]
+                lead = int(idx[at[int(np.argmax(partial))]])
+                if int(toks[lead]) in eos or (st.search.best_token >= 0 and st.search.best_score >= partial.max()):
+                    continue
+                scores = logits0[lead][None]
+                if len(self.processors):
+                    scores = self.processors(np.zeros((1, 0), dtype=np.int64), scores)
+                logq = log_softmax(scores)[0].astype(np.float64)
+                stream = np.random.Generator(type(rows[i].rng.bit_generator)())
+                stream.bit_generator.state = rows[i].rng.bit_generator.state
+                vocab = logq.size
+                search = LazySearch(logq, gumbel(stream, vocab), self.alpha, self.horizon * math.log(vocab))
+                block = search.next_block(self._first_block(rows[i], search))
+                if block.size:
+                    asks.append((lead, block))
+            return asks
+
+        return ask
 
     def _pruner(self, rows: Sequence[Row], states: list[_RowSearch], parents: list[int], tokens: list[int],
                 expected: bool) -> Any:
