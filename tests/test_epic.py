@@ -15,10 +15,10 @@ import pytest
 import epic_ort
 from epic_ort.decoding import GenerationConfig, Row, plain_chooser
 from epic_ort.epic.lazy import LazySearch, eager_gumbel_max, lazy_gumbel_max
-from epic_ort.epic.lookahead import can_run_ahead, lookahead_entropy
+from epic_ort.epic.lookahead import Given, can_run_ahead, lookahead_entropy
 from epic_ort.sampling.sample import inverse_cdf
 from epic_ort.epic.sampler import EpicChooser
-from epic_ort.sampling.processors import build_processors, entropy, log_softmax
+from epic_ort.sampling.processors import build_processors, entropy, entropy_and_draws, log_softmax
 from epic_ort.sampling.sample import gumbel, probs_from_scores, sample_rng
 
 EOS = 2
@@ -168,8 +168,9 @@ def test_chooser_equals_eager_on_model(tiny_llama, horizon, alpha, top_k, slack)
             assert 1 <= st["entropy_evals"] <= V and st["forward_passes"] >= horizon
             # rows: one per candidate tried, R·(k−1) more for each fully evaluated one, and a stopped
             # one ran R rows for at most k−2 of its rollout depths
+            # (plus what a round of this row alone ran for the next step)
             tried = st["entropy_evals"] + st["rollouts_skipped"]
-            floor = tried + st["entropy_evals"] * R * (horizon - 1)
+            floor = tried + st["entropy_evals"] * R * (horizon - 1) + st["run_ahead_tokens"]
             assert floor <= st["lookahead_tokens"] <= floor + st["rollouts_skipped"] * R * (horizon - 2)
             evals.append(st["entropy_evals"])
             skipped += st["rollouts_skipped"]
@@ -401,9 +402,9 @@ def _cost(model, k, alpha, batch_size):
     evals = sum(s.stats["entropy_evals"] for s in samples) / tokens
     for s in samples:
         assert s.stats["lookahead_tokens"] > 0
-        # every token costs one lookahead round (k calls; k − 1 when its depth 0 was run ahead), at
-        # most two: round 2 takes every live candidate
-        assert (k - 1) * s.stats["tokens"] < s.stats["forward_passes"] <= 2 * k * s.stats["tokens"]
+        # every token costs one lookahead round (k calls; k − 2 when its depths 0 and 1 were run
+        # ahead), at most two: round 2 takes every live candidate
+        assert (k - 2) * s.stats["tokens"] < s.stats["forward_passes"] <= 2 * k * s.stats["tokens"]
     key = lambda s: (s.prompt_index, s.sample_index)  # noqa: E731
     return ratio, evals, [s.token_ids for s in sorted(samples, key=key)]
 
@@ -481,10 +482,24 @@ def test_packing_budget_lets_one_wide_row_among_many_be_packed(tiny_llama):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_depth0_run_ahead_equals_running_it(tiny_llama):
-    """The next step's candidates, run as children of a candidate in the last depth's call, give
-    the logits and cache columns a fresh depth 0 after that candidate gives; passed back as
-    `given`, the lookahead computes the same Ĥ with one ORT call fewer."""
+def _given(run, have=None):
+    """What a step passes back to lookahead_entropy from a continuation run ahead (all of it, or
+    only depth 0 of the candidates in `have`)."""
+    m = run.tokens.size
+    have = np.ones(m, dtype=bool) if have is None else have
+    if run.went_on is None or not have.all():
+        R = 2
+        return Given(have, run.logits[have], [c[have] for c in run.columns], np.zeros(m, dtype=bool),
+                     np.zeros((0, R), dtype=np.int64), run.logits[:0], [c[:0] for c in run.columns])
+    return Given(have, run.logits, run.columns, run.went_on, run.rollout_tokens, run.rollout_logits,
+                 run.rollout_columns)
+
+
+def test_run_ahead_equals_running_it(tiny_llama):
+    """The next step's candidates and their first rollout tokens, run as the descendants of a
+    candidate in this lookahead's last two calls, give the logits and cache columns the next step
+    would compute; passed back as `given`, the next lookahead computes the same Ĥ with one ORT
+    call fewer per depth run ahead."""
     model, k, R = tiny_llama, 3, 2
     assert can_run_ahead(model)
     ids = model.encode(PROMPT)
@@ -492,45 +507,60 @@ def test_depth0_run_ahead_equals_running_it(tiny_llama):
     _, cache = model.prefill([ids], room=64)
     cands = np.array([4, 7, 19, 22])
     nxt = np.array([9, 3, 30, 12, 5])  # the next step's block after candidate 1
+    u2 = rng.random((nxt.size, R, k - 1))  # the next step's rollout draws
+    go = np.array([True, False, True, True, False])  # of the next step's block, those whose rollouts go on
     asked = []
 
-    def run_ahead(idx, lower, logits0):
-        asked.append((idx.copy(), lower.copy()))
-        return [(1, nxt)]
+    def run_ahead(idx, lower, logits0, runs):
+        asked.append(len(runs))
+        if not runs:
+            return [(1, nxt)], []
+        _, draws = entropy_and_draws(runs[0].logits, u2[:, :, 0])
+        return [], [(runs[0], go, draws[go])]
 
     u = rng.random((cands.size, R, k - 1))
     look = lookahead_entropy(model, cache, [0] * cands.size, cands, u, k, run_ahead=run_ahead)
-    assert len(asked) == 1 and look.calls == k  # asked once, before the last depth; no extra call
+    assert asked == [0, 1] and look.calls == k  # asked before each of the last two depths; no extra call
     assert [c.candidate for c in look.ahead] == [1]
     run = look.ahead[0]
     np.testing.assert_array_equal(run.tokens, nxt)
-    # the same Ĥ as without running ahead (the extra tokens see none of the rollouts)
+    np.testing.assert_array_equal(run.went_on, go)
+    assert run.rollout_tokens.shape == (go.sum(), R)
+    # the same Ĥ as without running ahead (the extra tokens see none of the rollouts, nor they them)
     plain = lookahead_entropy(model, cache, [0] * cands.size, cands, u, k)
     np.testing.assert_allclose(look.entropy, plain.entropy, atol=1e-5)
-    assert look.candidate_tokens[1] == plain.candidate_tokens[1] + nxt.size
+    np.testing.assert_array_equal(look.candidate_tokens, plain.candidate_tokens)
+    np.testing.assert_array_equal(look.ahead_tokens, [0, nxt.size + go.sum() * R, 0, 0])
 
-    # the step after candidate 1, from scratch and from what was run ahead
-    _, after = model.prefill([ids + [int(cands[1])]], room=64)
-    u2 = rng.random((nxt.size, R, k - 1))
-    ref = lookahead_entropy(model, after, [0] * nxt.size, nxt, u2, k)
+    # the step after candidate 1, from scratch (stopping where the run ahead stopped) ...
+    def fresh():
+        return model.prefill([ids + [int(cands[1])]], room=64)[1]
+
+    keep = lambda idx, lower, terms: go[idx] if terms == 1 else np.ones(idx.size, dtype=bool)  # noqa: E731
+    ref = lookahead_entropy(model, fresh(), [0] * nxt.size, nxt, u2, k, keep=keep)
     np.testing.assert_allclose(run.logits, ref.first_logits, atol=1e-4)
-    _, after2 = model.prefill([ids + [int(cands[1])]], room=64)
-    given = (np.ones(nxt.size, dtype=bool), run.logits, run.columns)
-    got = lookahead_entropy(model, after2, [0] * nxt.size, nxt, u2, k, given=given)
-    assert got.calls == ref.calls - 1 == k - 1
-    np.testing.assert_allclose(got.entropy, ref.entropy, atol=1e-5)
-    assert got.candidate_tokens.sum() == ref.candidate_tokens.sum() - nxt.size
+    # ... and from what was run ahead: depths 0 and 1 given, one call left
+    got = lookahead_entropy(model, fresh(), [0] * nxt.size, nxt, u2, k, keep=keep, given=_given(run))
+    assert got.calls == ref.calls - 2 == k - 2
+    np.testing.assert_array_equal(got.complete, go)
+    np.testing.assert_allclose(got.entropy[go], ref.entropy[go], atol=1e-5)
+    np.testing.assert_allclose(got.lower, ref.lower, atol=1e-5)
+    assert got.candidate_tokens.sum() == ref.candidate_tokens.sum() - nxt.size - go.sum() * R
     # the chosen candidate's cache continues like the reference's
     a, _ = model.step(np.array([6]), got.first_cache.select([2]))
     b, _ = model.step(np.array([6]), ref.first_cache.select([2]))
     np.testing.assert_allclose(a, b, atol=1e-4)
-    # part given, part run: the same again, with a call for depth 0
+    # depth 0 only, for part of the block: the same again, with calls for the rest
     half = np.arange(nxt.size) < 2
-    _, after3 = model.prefill([ids + [int(cands[1])]], room=64)
-    part = lookahead_entropy(model, after3, [0] * nxt.size, nxt, u2, k,
-                             given=(half, run.logits[half], [c[half] for c in run.columns]))
+    part = lookahead_entropy(model, fresh(), [0] * nxt.size, nxt, u2, k, keep=keep, given=_given(run, half))
     assert part.calls == k
-    np.testing.assert_allclose(part.entropy, ref.entropy, atol=1e-5)
+    np.testing.assert_allclose(part.lower, ref.lower, atol=1e-5)
+    # rollouts that are not this lookahead's own draws are not used
+    other = rng.random((nxt.size, R, k - 1))
+    mismatch = lookahead_entropy(model, fresh(), [0] * nxt.size, nxt, other, k, keep=keep, given=_given(run))
+    again = lookahead_entropy(model, fresh(), [0] * nxt.size, nxt, other, k, keep=keep)
+    assert mismatch.calls == k - 1
+    np.testing.assert_allclose(mismatch.lower, again.lower, atol=1e-5)
 
 
 @pytest.mark.parametrize("alpha", [0.5, -0.5])
@@ -547,5 +577,5 @@ def test_running_ahead_changes_cost_not_samples(tiny_llama, peaky_llama, alpha):
             passes[ahead] = sum(s.stats["forward_passes"] for s in samples)
             tokens = sum(s.stats["tokens"] for s in samples)
         assert out[True] == out[False]
-        assert (k - 1) * tokens < passes[True] < passes[False]
+        assert (k - 2) * tokens < passes[True] < passes[False]  # as low as k − 2 calls a token
         print(f"alpha {alpha}: forward passes/token {passes[False] / tokens:.2f} -> {passes[True] / tokens:.2f}")

@@ -24,14 +24,15 @@ Depth 0 already gives Ĥ's first term exactly, and each further depth adds one t
 further depth a caller-supplied `keep` looks at the terms computed so far and says which candidates
 go on (R rows each per depth): the sampler stops those that can no longer win, at no extra ORT call.
 
-Running the next step's depth 0 ahead (token trees on graphs that write in place): a next step's
-candidates are children of this step's winner, i.e. tree nodes at depth 1 under it, like its
-rollouts' first tokens. Before the last depth a caller-supplied `run_ahead` may name, for the
-candidate most likely to win, the next step's first candidates; they ride along in the last depth's
-call (a few more tokens in a call that runs anyway), and their logits and key/value columns come
-back as `Continuation`s. If that candidate wins, the next step passes them back as `given` and
-skips its depth-0 call: k−1 calls per token instead of k. What is computed is the same either way
-(the same tokens at the same positions over the same keys), so this changes cost only.
+Running the next step ahead (token trees on graphs that write in place): a next step's candidates
+are children of this step's winner, i.e. tree nodes at depth 1 under it, and their first rollout
+tokens nodes at depth 2. Before each of the last two depths a caller-supplied `run_ahead` may name,
+for the candidate most likely to win, the next step's first candidates (then, at the last depth,
+their first rollout tokens); they ride along in calls that run anyway, and their logits and
+key/value columns come back as `Continuation`s. If that candidate wins, the next step passes them
+back as `given` and skips the calls for those depths: k−2 calls per token instead of k. What is
+computed is the same either way (the same tokens at the same positions over the same keys), so
+this changes cost only.
 """
 
 from __future__ import annotations
@@ -56,22 +57,44 @@ class Lookahead:
     first_logits: np.ndarray  # [n, V] raw logits of q(. | x, y)
     first_cache: KVCache | TreeBranches  # .select(candidates): the cache after the prefix plus y
     calls: int  # ORT calls made
-    ahead: list["Continuation"] = field(default_factory=list)  # depth 0 of the next step, run ahead
+    ahead: list["Continuation"] = field(default_factory=list)  # the next step's first depths, run ahead
+    ahead_tokens: np.ndarray | None = None  # [n] tokens run ahead after each candidate (not in candidate_tokens)
 
 
 @dataclass
 class Continuation:
-    """The next step's depth 0 for a few tokens after one candidate: what `lookahead_entropy`
-    takes back as `given` once that candidate has been chosen."""
+    """The next step's first depths for a few tokens after one candidate, run ahead: what
+    `lookahead_entropy` takes back as `given` once that candidate has been chosen."""
 
     candidate: int  # index into the call's candidates: the token these continue
     tokens: np.ndarray  # [m] the next step's candidates
     logits: np.ndarray  # [m, V] raw logits of q(. | x, candidate, token)
     columns: list[np.ndarray]  # per cache tensor [m, kv_heads, head_dim]: each token's keys/values
+    keys: np.ndarray  # [m] their key columns in the tree that ran them (to run their rollouts next)
+    went_on: np.ndarray | None = None  # [m] bool: those whose depth-1 rollouts were run too, then:
+    rollout_tokens: np.ndarray | None = None  # [g, R] their first rollout tokens (g = went_on.sum())
+    rollout_logits: np.ndarray | None = None  # [g * R, V]
+    rollout_columns: list[np.ndarray] | None = None  # per cache tensor [g * R, kv_heads, head_dim]
+
+
+@dataclass
+class Given:
+    """Depths of this lookahead's candidates already run (by an earlier step's `run_ahead`), in
+    candidate order: depth 0 for those in `have`, depth-1 rollouts too for those in `went_on`."""
+
+    have: np.ndarray  # [n] bool
+    logits: np.ndarray  # [have.sum(), V]
+    columns: list[np.ndarray]  # per cache tensor [have.sum(), kv_heads, head_dim]
+    went_on: np.ndarray  # [n] bool, within have
+    rollout_tokens: np.ndarray  # [went_on.sum(), R]
+    rollout_logits: np.ndarray  # [went_on.sum() * R, V]
+    rollout_columns: list[np.ndarray]  # per cache tensor [went_on.sum() * R, kv_heads, head_dim]
 
 
 Keep = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
-Given = tuple[np.ndarray, np.ndarray, Sequence[np.ndarray]]  # which candidates, their depth-0 logits, columns
+# run_ahead(idx, lower, logits0, runs) -> (first blocks [(candidate, tokens)], rollouts [(run, go, tokens [g, R])])
+RunAhead = Callable[[np.ndarray, np.ndarray, np.ndarray, list[Continuation]],
+                    tuple[list[tuple[int, np.ndarray]], list[tuple[Continuation, np.ndarray, np.ndarray]]]]
 RunAhead = Callable[[np.ndarray, np.ndarray, np.ndarray], list[tuple[int, np.ndarray]]]
 
 
@@ -94,12 +117,14 @@ def lookahead_entropy(
     keep(idx, lower, terms): before each further depth, given the candidates still running (indices
     into `candidates`), the sum of their first `terms` terms of Ĥ (rollout means), a bool mask of
     those whose rollouts go on. The others come back incomplete, with `lower` as a lower bound.
-    run_ahead(idx, lower, logits0): before the last depth, given the candidates going on and their
-    terms so far (as for `keep`) and every candidate's depth-0 logits, a list of (candidate index,
-    next-step tokens) to run ahead (see the module docstring); used where `can_run_ahead(model)`.
-    given: depth 0 already run (by an earlier call's run_ahead) for some candidates: a mask [n] of
-    which, their logits [m, V] and key/value columns (per cache tensor [m, kv_heads, head_dim]);
-    the others run as usual. Ignored (all run) where it cannot be used.
+    run_ahead(idx, lower, logits0, runs): before each of the last two depths that runs a call,
+    given the candidates going on and their terms so far (as for `keep`), every candidate's
+    depth-0 logits and the continuations run ahead so far in this lookahead: the next step's first
+    blocks to run as children of candidates, and, for continuations run at the depth before, which
+    of their tokens go on and the R first rollout tokens of each (see the module docstring). Used
+    where `can_run_ahead(model)`.
+    given: the depths an earlier lookahead ran ahead for these candidates; the rest runs as usual.
+    Ignored (all run) where it cannot be used.
     """
     parents = np.asarray(parents, dtype=np.int64)
     cands = np.asarray(candidates, dtype=np.int64)
@@ -111,7 +136,8 @@ def lookahead_entropy(
     rows: _TreeRows | _ForkedRows = (_TreeRows(model, cache, parents, uniforms.shape[1], horizon)
                                      if model.supports_trees else _ForkedRows(model, horizon))
     ahead_ok = can_run_ahead(model)
-    logits0, first_cache = rows.first(cache, parents, cands, given if ahead_ok else None)
+    given = given if ahead_ok else None
+    logits0, first_cache = rows.first(cache, parents, cands, given)
     scores0 = procs(no_ids, logits0) if procs else logits0
     alive0 = ~np.isin(cands, eos)
     room = model.max_positions - int(cache.next_position[parents].max() + 1)
@@ -123,10 +149,14 @@ def lookahead_entropy(
     cand_tokens = np.zeros(n, dtype=np.int64)
     cand_tokens[rows.ran_first] = 1  # depth 0 run in this call (not given)
     ahead: list[Continuation] = []
+    ahead_tokens = np.zeros(n, dtype=np.int64)
 
     active = np.arange(n)
     if depth > 1 and keep is not None:
         active = active[np.asarray(keep(active, lower, 1), dtype=bool)]
+    placed = _given_rollouts(given, draws0) if depth > 1 and isinstance(rows, _TreeRows) else None
+    if placed is not None:  # what was run ahead goes on (the rest stops: a later round resumes it if need be)
+        active = active[given.went_on[active]]  # type: ignore[union-attr]
     if depth > 1 and active.size:
         rollouts = uniforms.shape[1]
         tile = np.repeat(active, rollouts)
@@ -137,20 +167,22 @@ def lookahead_entropy(
         u = uniforms[active].reshape(tile.size, -1)
         for j in range(1, depth):
             alive &= ~np.isin(z, eos)
-            asks = run_ahead(active, lower[active], logits0) if ahead_ok and run_ahead and j + 1 == depth == horizon \
-                and room >= 2 else []
-            if asks:
-                owner = np.concatenate([np.full(t.size, c, dtype=np.int64) for c, t in asks])
-                logits_j, ahead_logits, columns = rows.step_ahead(z, j, owner, np.concatenate([t for _, t in asks]))
-                at = 0
-                for c, t in asks:
-                    ahead.append(Continuation(c, t, ahead_logits[at:at + t.size],
-                                              [col[at:at + t.size] for col in columns]))
-                    cand_tokens[c] += t.size
-                    at += t.size
+            if j == 1 and placed is not None:
+                logits_j = rows.place_rollouts(z, *placed(active))  # type: ignore[union-attr]
             else:
-                logits_j = rows.step(z, j)
-            cand_tokens[active] += rollouts
+                firsts, extend = ([], [])
+                if ahead_ok and run_ahead is not None and depth == horizon and depth - 2 <= j and room >= 2:
+                    firsts, extend = run_ahead(active, lower[active], logits0, ahead)
+                if firsts or extend:
+                    logits_j, ran = rows.step_ahead(z, j, firsts, extend)  # type: ignore[union-attr]
+                    ahead.extend(ran)
+                    for run in ran:
+                        ahead_tokens[run.candidate] += run.tokens.size
+                    for run, _, tokens in extend:
+                        ahead_tokens[run.candidate] += tokens.size
+                else:
+                    logits_j = rows.step(z, j)
+                cand_tokens[active] += rollouts
             scores_j = procs(np.zeros((tile.size, 0), dtype=np.int64), logits_j) if procs else logits_j
             h_j, draws = entropy_and_draws(scores_j, u[:, j] if j + 1 < depth else None)
             acc += np.where(alive, h_j, 0.0)
@@ -169,7 +201,26 @@ def lookahead_entropy(
                     z, alive, acc, u = z[rows_go], alive[rows_go], acc[rows_go], u[rows_go]
     complete = terms >= depth
     h = np.where(complete, lower, np.nan)
-    return Lookahead(h, h0, complete, lower, terms, cand_tokens, logits0, first_cache, rows.calls, ahead)
+    return Lookahead(h, h0, complete, lower, terms, cand_tokens, logits0, first_cache, rows.calls, ahead, ahead_tokens)
+
+
+def _given_rollouts(given: Given | None, draws0: np.ndarray
+                    ) -> Callable[[np.ndarray], tuple[np.ndarray, list[np.ndarray]]] | None:
+    """If `given` holds depth-1 rollouts, and they are the ones this lookahead draws (the same
+    first tokens), a function of the candidates going on (within `given.went_on`) giving their
+    rollout rows' logits and key/value columns; else None."""
+    if given is None or not given.went_on.any():
+        return None
+    if not np.array_equal(draws0[given.went_on], given.rollout_tokens):
+        return None
+    rollouts = given.rollout_tokens.shape[1]
+    at = np.cumsum(given.went_on) - 1  # each candidate's place among those that went on
+
+    def rows_of(active: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        idx = (at[active][:, None] * rollouts + np.arange(rollouts)).reshape(-1)
+        return given.rollout_logits[idx], [c[idx] for c in given.rollout_columns]
+
+    return rows_of
 
 
 def can_run_ahead(model: CausalLM) -> bool:
@@ -295,18 +346,18 @@ class _TreeRows:
     def first(self, cache: KVCache, parents: np.ndarray, cands: np.ndarray, given: Given | None = None
               ) -> tuple[np.ndarray, "TreeBranches"]:
         """Depth 0: run the candidates, except those `given` has (placed in the tree instead)."""
-        have = np.zeros(cands.size, dtype=bool) if given is None else np.asarray(given[0], dtype=bool)
+        have = np.zeros(cands.size, dtype=bool) if given is None else given.have
         keys = np.empty(cands.size, dtype=np.int64)
         logits0: np.ndarray | None = None
         run = np.flatnonzero(~have)
         if have.any():
-            placed = self._place(np.flatnonzero(have), given[2])  # type: ignore[index]
+            placed = self._place(np.flatnonzero(have), given.columns)  # type: ignore[union-attr]
             if placed is None:
                 run = np.arange(cands.size)
             else:
                 keys[have] = placed
-                logits0 = np.empty((cands.size, given[1].shape[1]), dtype=given[1].dtype)  # type: ignore[index]
-                logits0[have] = given[1]  # type: ignore[index]
+                logits0 = np.empty((cands.size, given.logits.shape[1]), dtype=given.logits.dtype)  # type: ignore[union-attr]
+                logits0[have] = given.logits  # type: ignore[union-attr]
         if run.size:
             out, keys[run] = self._run(cands[run], run, 0, None)
             if logits0 is None:
@@ -326,21 +377,55 @@ class _TreeRows:
         self.row_path = np.concatenate([self.row_path, keys[:, None]], axis=1)  # type: ignore[list-item]
         return logits
 
-    def step_ahead(self, tokens: np.ndarray, depth: int, owner: np.ndarray, ahead: np.ndarray
-                   ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-        """`step`, with the next step's candidates `ahead` riding along as children of candidates
-        `owner` (tree depth 1: they see the prefix, their owner and themselves). Returns the
-        rollouts' logits, then the ahead tokens' logits and key/value columns (copies: the tree is
-        scratch)."""
+    def place_rollouts(self, z: np.ndarray, logits: np.ndarray, columns: Sequence[np.ndarray]) -> np.ndarray:
+        """Depth 1 of the rollouts, run ahead by an earlier call: their columns go into the tree
+        (or, where the tree's cache is not ours to write, they run). Returns their logits."""
+        keys = self._place(self.row_cand, columns)  # type: ignore[arg-type]
+        if keys is None:
+            return self.step(z, 1)
+        self.row_path = np.concatenate([self.row_path, keys[:, None]], axis=1)  # type: ignore[list-item]
+        return logits
+
+    def step_ahead(self, tokens: np.ndarray, depth: int, firsts: list[tuple[int, np.ndarray]],
+                   extend: list[tuple[Continuation, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, list[Continuation]]:
+        """`step`, with the next step's tokens riding along: `firsts`, a next step's candidates as
+        children of a candidate (tree depth 1: they see the prefix, that candidate and themselves);
+        `extend`, the first rollout tokens of continuations run at the depth before (depth 2 under
+        their candidate, after their next-step candidate), which are filled in. Returns the
+        rollouts' logits and the new continuations (their columns are copies: the tree is scratch)."""
         n, path = tokens.size, self.row_path
-        anc = np.concatenate([path, np.repeat(self.cand_key[owner][:, None], path.shape[1], axis=1)])  # type: ignore[index, union-attr]
-        depths = np.concatenate([np.full(n, depth, dtype=np.int64), np.ones(owner.size, dtype=np.int64)])
-        logits, keys = self._run(np.concatenate([tokens, ahead]), np.concatenate([self.row_cand, owner]),  # type: ignore[list-item]
-                                 depths, anc)
+        ids, cand, depths = [tokens], [self.row_cand], [np.full(n, depth, dtype=np.int64)]
+        width = max(path.shape[1], 2 if extend else 1)  # type: ignore[union-attr]
+        pad = lambda a: np.concatenate([a, np.repeat(a[:, :1], width - a.shape[1], axis=1)], axis=1)  # noqa: E731
+        anc = [pad(path)]
+        for owner, toks in firsts:
+            ids.append(toks)
+            cand.append(np.full(toks.size, owner, dtype=np.int64))
+            depths.append(np.ones(toks.size, dtype=np.int64))
+            anc.append(pad(np.full((toks.size, 1), self.cand_key[owner], dtype=np.int64)))  # type: ignore[index]
+        for run, go, toks in extend:
+            parent_keys = np.repeat(run.keys[go], toks.shape[1])
+            ids.append(toks.reshape(-1))
+            cand.append(np.full(parent_keys.size, run.candidate, dtype=np.int64))
+            depths.append(np.full(parent_keys.size, 2, dtype=np.int64))
+            own = np.full(parent_keys.size, self.cand_key[run.candidate], dtype=np.int64)  # type: ignore[index]
+            anc.append(pad(np.stack([own, parent_keys], axis=1)))
+        cand_all = np.concatenate(cand)
+        logits, keys = self._run(np.concatenate(ids), cand_all, np.concatenate(depths), np.concatenate(anc))
         self.row_path = np.concatenate([path, keys[:n, None]], axis=1)  # type: ignore[list-item]
-        unit = self.cand_unit[owner]
-        columns = [as_numpy(v)[unit, :, keys[n:]] for v in self.cache.values]
-        return logits[:n], logits[n:], columns
+        columns = [as_numpy(v)[self.cand_unit[cand_all[n:]], :, keys[n:]] for v in self.cache.values]
+        ran, at = [], n
+        for owner, toks in firsts:
+            part = slice(at - n, at - n + toks.size)
+            ran.append(Continuation(owner, toks, logits[at:at + toks.size], [c[part] for c in columns],
+                                    keys[at:at + toks.size]))
+            at += toks.size
+        for run, go, toks in extend:
+            part = slice(at - n, at - n + toks.size)
+            run.went_on, run.rollout_tokens = go, toks
+            run.rollout_logits, run.rollout_columns = logits[at:at + toks.size], [c[part] for c in columns]
+            at += toks.size
+        return logits[:n], ran
 
     def keep(self, mask: np.ndarray) -> None:
         self.row_cand, self.row_path = self.row_cand[mask], self.row_path[mask]  # type: ignore[index]

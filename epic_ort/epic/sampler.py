@@ -20,12 +20,14 @@ taken up again in a later round if the true best turns out not to beat it.
 Later rounds stop rollouts only where that is certain: once a candidate's bound, tightened by the
 terms computed so far, is no better than the best score already found, it can never win.
 
-Running ahead (token-tree graphs that write in place): before a row's last lookahead depth, the
-candidate leading on the terms computed so far (the winner in more than nine steps of ten) gets the
-next step's first block, chosen with the next step's own Gumbels (drawn from a copy of the row's
-random stream, which then draws the same numbers at the next step), run as its children in the
-last depth's call. If it wins, the next step's first round starts at depth 1. The tokens chosen
-are exactly those without it: only which calls compute what changes.
+Running ahead (token-tree graphs that write in place, one batch row per call): before a row's
+last two lookahead depths, the candidate leading on the terms computed so far (the winner in about
+nine steps of ten) gets the next step's first block, chosen with the next step's own Gumbels (drawn
+from a copy of the row's random stream, which then draws the same numbers at the next step), run as
+its children in the call of depth k−2; if it still leads at depth k−1, that block's first rollout
+tokens ride in that call. If it wins, the next step's first round starts at depth 2 (or 1): k−2
+calls instead of k. The tokens chosen are exactly those without it: only which calls compute what
+changes.
 
 With horizon 1 Ĥ is deterministic, so rows whose whole history is identical (several samples of one
 prompt) evaluate each shared candidate once.
@@ -41,11 +43,10 @@ import numpy as np
 
 from ..decoding import Row, StepResult
 from ..runtime.model import CausalLM, KVCache
-from ..sampling.processors import ProcessorList, log_softmax
+from ..sampling.processors import ProcessorList, entropy_and_draws, log_softmax
 from ..sampling.sample import gumbel
 from .lazy import LazySearch
-from .lookahead import (Branch, Continuation, branch, can_run_ahead, lookahead_entropy, merge_branches,
-                        packing_budget)
+from .lookahead import Branch, Continuation, Given, branch, lookahead_entropy, merge_branches, packing_budget
 
 
 @dataclass
@@ -58,6 +59,7 @@ class _RowSearch:
     skipped: int = 0  # candidates whose rollouts stopped early (Ĥ not computed in full)
     calls: int = 0
     lookahead_tokens: int = 0
+    ahead_tokens: int = 0  # of lookahead_tokens, those run for the next step
     ahead: dict[int, Continuation] = field(default_factory=dict)  # candidate token -> the next step's depth 0
 
 
@@ -71,6 +73,11 @@ class _Ahead:
     run: Continuation
 
 
+# most tokens one request to run ahead may add to a call: a wide tree makes every token dearer (each
+# attends to the whole tree), so a wide request costs more than the call it saves when its guess
+# misses. SmolLM2, batch 1, 6 prompts × 20 tokens, per token against no running ahead: cap 16:
+# -10% at a = 0.2, ±0 at a = 0.5; 32: -13%, +1–4%; 64: -15%, +10%.
+AHEAD_TOKENS = 32
 MIN_TREE_CANDIDATES = 8  # cache room below this many candidates' trees is not room kept for trees
 
 
@@ -163,7 +170,7 @@ class EpicChooser:
                 p_c, t_c = parents_a[idx].tolist(), tokens_a[idx].tolist()
                 pre = None
                 if rounds == 0 and len(chunks) == 1 and any(given[i] is not None for i, _, _ in per_row):
-                    pre = self._given_depth0(per_row, given, len(tokens))
+                    pre = self._given_for_call(per_row, given, len(tokens))
                 res = lookahead_entropy(model, cache, p_c, t_c, uniforms[idx], self.horizon, self.processors,
                                         keep=self._pruner(rows, states, p_c, t_c, expected=rounds == 0),
                                         run_ahead=self._ahead_asker(rows, states, p_c, t_c, model.eos_token_ids)
@@ -188,7 +195,9 @@ class EpicChooser:
                                           res.lower[part] + (self.horizon - res.terms[part]) * log_v)
                     st.evals += int(full.sum())
                     st.skipped += int(part.size)
-                    st.lookahead_tokens += int(res.candidate_tokens[at].sum())
+                    ran_ahead = int(res.ahead_tokens[at].sum())  # type: ignore[index]
+                    st.lookahead_tokens += int(res.candidate_tokens[at].sum()) + ran_ahead
+                    st.ahead_tokens += ran_ahead
                     st.calls += res.calls
                     hit = np.flatnonzero(toks == st.search.best_token)
                     if hit.size:  # the best can only have changed to a candidate of this call
@@ -215,7 +224,7 @@ class EpicChooser:
         next_logits = np.stack([st.winner[0] for st in states])  # type: ignore[index]
         next_cache = merge_branches([st.winner[1] for st in states])  # type: ignore[index]
         stats = [{"entropy_evals": st.evals, "rollouts_skipped": st.skipped, "forward_passes": st.calls,
-                  "lookahead_tokens": st.lookahead_tokens} for st in states]
+                  "lookahead_tokens": st.lookahead_tokens, "run_ahead_tokens": st.ahead_tokens} for st in states]
         return StepResult(chosen, next_logits, next_cache, stats)
 
     def _given(self, row: Row, st: _RowSearch, ahead: _Ahead | None) -> Continuation | None:
@@ -229,60 +238,92 @@ class EpicChooser:
             return None
         return run
 
-    @staticmethod
-    def _given_depth0(per_row: list[tuple[int, np.ndarray, list[int]]], given: list[Continuation | None],
-                      n: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-        """`given` for a first round's lookahead call (all its candidates, in request order): the
-        rows whose block was run ahead."""
-        have = np.zeros(n, dtype=bool)
+    def _given_for_call(self, per_row: list[tuple[int, np.ndarray, list[int]]], given: list[Continuation | None],
+                        n: int) -> Given:
+        """`given` for a first round's lookahead call (all its candidates, in request order): what
+        was run ahead for the rows that have it."""
+        have, went_on = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
         runs = []
         for i, _, slots in per_row:
-            if given[i] is not None:
+            run = given[i]
+            if run is not None:
                 have[slots] = True
-                runs.append(given[i])
-        logits = np.concatenate([g.logits for g in runs])  # type: ignore[union-attr]
-        return have, logits, [np.concatenate(cols) for cols in zip(*(g.columns for g in runs))]  # type: ignore[union-attr]
+                if run.went_on is not None:
+                    went_on[np.asarray(slots)[run.went_on]] = True
+                runs.append(run)
+        logits = np.concatenate([r.logits for r in runs])
+        columns = [np.concatenate(cols) for cols in zip(*(r.columns for r in runs))]
+        deeper = [r for r in runs if r.went_on is not None]
+        if deeper:
+            r_tokens = np.concatenate([r.rollout_tokens for r in deeper])  # type: ignore[misc]
+            r_logits = np.concatenate([r.rollout_logits for r in deeper])  # type: ignore[misc]
+            r_columns = [np.concatenate(cols) for cols in zip(*(r.rollout_columns for r in deeper))]  # type: ignore[misc]
+        else:
+            r_tokens, r_logits = np.zeros((0, self.rollouts), dtype=np.int64), logits[:0]
+            r_columns = [c[:0] for c in columns]
+        return Given(have, logits, columns, went_on, r_tokens, r_logits, r_columns)
 
     def _ahead_asker(self, rows: Sequence[Row], states: list[_RowSearch], parents: list[int], tokens: list[int],
                      eos_ids: Any) -> Any:
-        """`run_ahead` for one lookahead call: the candidate leading on the terms of Ĥ computed so
-        far gets the next step's first block, sized as `_first_block` sizes it, under the next
-        step's Gumbels (a copy of the row's stream draws them). None where the best so far comes
-        from an earlier call (its tree is gone) or leads with an end-of-sequence token.
+        """`run_ahead` for one lookahead call. Before each of its last two depths, the candidate
+        leading on the terms of Ĥ computed so far gets the next step's first block (sized as
+        `_first_block` sizes it, under the next step's Gumbels: a copy of the row's stream draws
+        them); if it still leads at the last depth, that block's first rollout tokens too, for the
+        candidates the first round's pruner would let go on (under the next step's rollout draws).
+        Nothing where the best so far comes from an earlier call (its tree is gone) or the leader
+        is an end-of-sequence token.
 
         Only calls of one batch row run ahead. With several, calls are wide, so a call saved costs
         little more than its tokens, and every row's tree is padded to the widest: measured on
-        SmolLM2 (a = 0.2, 6 prompts, 20 tokens), per token 10% faster at batch 1, 1.5% at batch 2,
-        5% and 11% slower at batch 4 and 8."""
+        SmolLM2 (a = 0.2, 6 prompts, 20 tokens, depth 0 only), per token 10% faster at batch 1,
+        1.5% at batch 2, 5% and 11% slower at batch 4 and 8."""
         par = np.asarray(parents)
         if np.unique(par).size > 1:
             return None
+        row, st = rows[int(par[0])], states[int(par[0])]
         toks = np.asarray(tokens, dtype=np.int64)
-        eos = {int(t) for t in eos_ids}
+        eos = np.array(sorted(int(t) for t in eos_ids), dtype=np.int64)
+        plans: dict[int, tuple[LazySearch, int]] = {}  # candidate -> the next step's search and rollout seed
 
-        def ask(idx: np.ndarray, lower: np.ndarray, logits0: np.ndarray) -> list[tuple[int, np.ndarray]]:
-            asks = []
-            for i in np.unique(par[idx]).tolist():
-                at = np.flatnonzero(par[idx] == i)
-                st = states[i]
-                partial = st.search.bound[toks[idx[at]]] - self.alpha * lower[at]
-                lead = int(idx[at[int(np.argmax(partial))]])
-                if int(toks[lead]) in eos or (st.search.best_token >= 0 and st.search.best_score >= partial.max()):
-                    continue
-                scores = logits0[lead][None]
-                if len(self.processors):
-                    scores = self.processors(np.zeros((1, 0), dtype=np.int64), scores)
-                logq = log_softmax(scores)[0].astype(np.float64)
-                stream = np.random.Generator(type(rows[i].rng.bit_generator)())
-                stream.bit_generator.state = rows[i].rng.bit_generator.state
-                vocab = logq.size
-                search = LazySearch(logq, gumbel(stream, vocab), self.alpha, self.horizon * math.log(vocab))
-                block = search.next_block(self._first_block(rows[i], search))
-                if block.size:
-                    asks.append((lead, block))
-            return asks
+        def ask(idx: np.ndarray, lower: np.ndarray, logits0: np.ndarray, runs: list[Continuation]) -> Any:
+            partial = st.search.bound[toks[idx]] - self.alpha * lower
+            lead = int(idx[int(np.argmax(partial))])
+            if toks[lead] in eos or (st.search.best_token >= 0 and st.search.best_score >= partial.max()):
+                return [], []
+            run = next((r for r in runs if r.candidate == lead), None)
+            if run is None:
+                search, seed = self._next_search(row, logits0[lead])
+                plans[lead] = (search, seed)
+                block = search.next_block(self._first_block(row, search))
+                return ([(lead, block)] if 0 < block.size <= AHEAD_TOKENS else []), []
+            if run.went_on is not None or self.horizon < 2:
+                return [], []
+            search, seed = plans[lead]
+            scores = self.processors(np.zeros((run.tokens.size, 0), dtype=np.int64), run.logits) \
+                if len(self.processors) else run.logits
+            u = np.stack([self.rollout_uniforms(seed, t)[:, 0] for t in run.tokens.tolist()])
+            h0, draws = entropy_and_draws(scores, u)
+            h0 = np.where(np.isin(run.tokens, eos), 0.0, h0)
+            go = np.ones(run.tokens.size, dtype=bool)
+            if self.prune_slack is not None and self.alpha != 0:
+                go = self._goes_on(search, row, run.tokens, h0, 1, expected=True)
+            return ([], [(run, go, draws[go])]) if 0 < go.sum() * self.rollouts <= AHEAD_TOKENS else ([], [])
 
         return ask
+
+    def _next_search(self, row: Row, logits: np.ndarray) -> tuple[LazySearch, int]:
+        """The search and rollout seed the row's next step will have if `logits` are its next
+        logits: the Gumbels and seed come from a copy of the row's stream, which draws the same
+        numbers at the next step."""
+        scores = logits[None]
+        if len(self.processors):
+            scores = self.processors(np.zeros((1, 0), dtype=np.int64), scores)
+        logq = log_softmax(scores)[0].astype(np.float64)
+        stream = np.random.Generator(type(row.rng.bit_generator)())
+        stream.bit_generator.state = row.rng.bit_generator.state
+        g = gumbel(stream, logq.size)
+        seed = int(stream.integers(2**63))
+        return LazySearch(logq, g, self.alpha, self.horizon * math.log(logq.size)), seed
 
     def _pruner(self, rows: Sequence[Row], states: list[_RowSearch], parents: list[int], tokens: list[int],
                 expected: bool) -> Any:
@@ -294,28 +335,29 @@ class EpicChooser:
         rounds hold candidates that may be needed, so only the first test applies there."""
         if self.prune_slack is None or self.horizon == 1 or self.alpha == 0:
             return None
-        k = self.horizon
-        log_v = math.log(len(states[0].search.bound))
         par = np.asarray(parents)
         toks = np.asarray(tokens, dtype=np.int64)
 
         def keep(idx: np.ndarray, lower: np.ndarray, terms: int) -> np.ndarray:
             mask = np.ones(idx.size, dtype=bool)
-            rest_max = (k - terms) * log_v
             for i in np.unique(par[idx]).tolist():
                 at = np.flatnonzero(par[idx] == i)
-                search = states[i].search
-                t = toks[idx[at]]
-                upper = search.upper_bound(t, lower[at], lower[at] + rest_max)
-                target = search.best_score
-                if expected:
-                    rest = self._expected_rest(rows[i], lower[at], terms, rest_max)
-                    reach = search.bound[t] - self.alpha * (lower[at] + rest)
-                    target = max(target, float(reach.max()) - abs(self.alpha) * self.prune_slack)
-                mask[at] = upper > target
+                mask[at] = self._goes_on(states[i].search, rows[i], toks[idx[at]], lower[at], terms, expected)
             return mask
 
         return keep
+
+    def _goes_on(self, search: LazySearch, row: Row, tokens: np.ndarray, lower: np.ndarray, terms: int,
+                 expected: bool) -> np.ndarray:
+        """The pruner's rule for one row's candidates (see `_pruner`)."""
+        rest_max = (self.horizon - terms) * math.log(len(search.bound))
+        upper = search.upper_bound(tokens, lower, lower + rest_max)
+        target = search.best_score
+        if expected:
+            rest = self._expected_rest(row, lower, terms, rest_max)
+            reach = search.bound[tokens] - self.alpha * (lower + rest)
+            target = max(target, float(reach.max()) - abs(self.alpha) * self.prune_slack)  # type: ignore[operator]
+        return upper > target
 
     def _expected_rest(self, row: Row, lower: np.ndarray, terms: int, rest_max: float) -> float:
         """The entropy a candidate of `row` may still add after `terms` terms: this sample's recent
@@ -383,7 +425,8 @@ def epic_step(
 
     logits [rows, V] and cache are the model's state after each row's prefix (e.g. from
     model.prefill); rngs are the rows' random streams. Returns the chosen tokens, their stats
-    (entropy_evals, rollouts_skipped, forward_passes, lookahead_tokens) and the logits/cache after those tokens.
+    (entropy_evals, rollouts_skipped, forward_passes, lookahead_tokens, run_ahead_tokens) and the logits/cache
+    after those tokens.
     """
     procs = processors if processors is not None else ProcessorList()
     scores = procs(np.zeros((len(rngs), 0), dtype=np.int64), logits) if len(procs) else logits
