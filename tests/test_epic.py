@@ -482,16 +482,18 @@ def test_packing_budget_lets_one_wide_row_among_many_be_packed(tiny_llama):
 # ---------------------------------------------------------------------------------------------
 
 
-def _given(run, have=None):
+def _given(run, have=None, known=True):
     """What a step passes back to lookahead_entropy from a continuation run ahead (all of it, or
-    only depth 0 of the candidates in `have`)."""
-    m = run.tokens.size
+    only depth 0 of the candidates in `have`); `known`: with the depth-0 entropies and draws the
+    run-ahead computed (else the lookahead computes them)."""
+    m, R = run.tokens.size, 2
     have = np.ones(m, dtype=bool) if have is None else have
+    entropy = run.entropy[have] if known and run.entropy is not None else np.full(int(have.sum()), np.nan)
+    draws = run.draws[have] if known and run.draws is not None else np.full((int(have.sum()), R), -1)
     if run.went_on is None or not have.all():
-        R = 2
-        return Given(have, run.logits[have], [c[have] for c in run.columns], np.zeros(m, dtype=bool),
+        return Given(have, run.logits[have], [c[have] for c in run.columns], entropy, draws, np.zeros(m, dtype=bool),
                      np.zeros((0, R), dtype=np.int64), run.logits[:0], [c[:0] for c in run.columns])
-    return Given(have, run.logits, run.columns, run.went_on, run.rollout_tokens, run.rollout_logits,
+    return Given(have, run.logits, run.columns, entropy, draws, run.went_on, run.rollout_tokens, run.rollout_logits,
                  run.rollout_columns)
 
 
@@ -515,8 +517,8 @@ def test_run_ahead_equals_running_it(tiny_llama):
         asked.append(len(runs))
         if not runs:
             return [(1, nxt)], []
-        _, draws = entropy_and_draws(runs[0].logits, u2[:, :, 0])
-        return [], [(runs[0], go, draws[go])]
+        runs[0].entropy, runs[0].draws = entropy_and_draws(runs[0].logits, u2[:, :, 0])
+        return [], [(runs[0], go, runs[0].draws[go])]
 
     u = rng.random((cands.size, R, k - 1))
     look = lookahead_entropy(model, cache, [0] * cands.size, cands, u, k, run_ahead=run_ahead)
@@ -555,9 +557,14 @@ def test_run_ahead_equals_running_it(tiny_llama):
     part = lookahead_entropy(model, fresh(), [0] * nxt.size, nxt, u2, k, keep=keep, given=_given(run, half))
     assert part.calls == k
     np.testing.assert_allclose(part.lower, ref.lower, atol=1e-5)
+    # the same, computing depth 0's entropies and draws rather than taking them
+    unknown = lookahead_entropy(model, fresh(), [0] * nxt.size, nxt, u2, k, keep=keep, given=_given(run, known=False))
+    assert unknown.calls == k - 2
+    np.testing.assert_allclose(unknown.lower, ref.lower, atol=1e-5)
     # rollouts that are not this lookahead's own draws are not used
     other = rng.random((nxt.size, R, k - 1))
-    mismatch = lookahead_entropy(model, fresh(), [0] * nxt.size, nxt, other, k, keep=keep, given=_given(run))
+    mismatch = lookahead_entropy(model, fresh(), [0] * nxt.size, nxt, other, k, keep=keep,
+                                 given=_given(run, known=False))
     again = lookahead_entropy(model, fresh(), [0] * nxt.size, nxt, other, k, keep=keep)
     assert mismatch.calls == k - 1
     np.testing.assert_allclose(mismatch.lower, again.lower, atol=1e-5)

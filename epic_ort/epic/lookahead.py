@@ -71,6 +71,8 @@ class Continuation:
     logits: np.ndarray  # [m, V] raw logits of q(. | x, candidate, token)
     columns: list[np.ndarray]  # per cache tensor [m, kv_heads, head_dim]: each token's keys/values
     keys: np.ndarray  # [m] their key columns in the tree that ran them (to run their rollouts next)
+    entropy: np.ndarray | None = None  # [m] entropy of each token's (processed) q, where already computed
+    draws: np.ndarray | None = None  # [m, R] and the next step's first rollout draws from it
     went_on: np.ndarray | None = None  # [m] bool: those whose depth-1 rollouts were run too, then:
     rollout_tokens: np.ndarray | None = None  # [g, R] their first rollout tokens (g = went_on.sum())
     rollout_logits: np.ndarray | None = None  # [g * R, V]
@@ -85,6 +87,8 @@ class Given:
     have: np.ndarray  # [n] bool
     logits: np.ndarray  # [have.sum(), V]
     columns: list[np.ndarray]  # per cache tensor [have.sum(), kv_heads, head_dim]
+    entropy: np.ndarray  # [have.sum()] the depth-0 entropies already computed (NaN: not computed)
+    draws: np.ndarray  # [have.sum(), R] and the first rollout draws (with this lookahead's uniforms)
     went_on: np.ndarray  # [n] bool, within have
     rollout_tokens: np.ndarray  # [went_on.sum(), R]
     rollout_logits: np.ndarray  # [went_on.sum() * R, V]
@@ -142,7 +146,7 @@ def lookahead_entropy(
     alive0 = ~np.isin(cands, eos)
     room = model.max_positions - int(cache.next_position[parents].max() + 1)
     depth = min(horizon, room + 1)
-    h0, draws0 = entropy_and_draws(scores0, uniforms[:, :, 0] if depth > 1 else None)  # draws0 [n, R]
+    h0, draws0 = _first_terms(scores0, uniforms[:, :, 0] if depth > 1 else None, given)  # draws0 [n, R]
     h0 = np.where(alive0, h0, 0.0)
     lower = h0.copy()
     terms = np.ones(n, dtype=np.int64)
@@ -202,6 +206,26 @@ def lookahead_entropy(
     complete = terms >= depth
     h = np.where(complete, lower, np.nan)
     return Lookahead(h, h0, complete, lower, terms, cand_tokens, logits0, first_cache, rows.calls, ahead, ahead_tokens)
+
+
+def _first_terms(scores0: np.ndarray, uniforms: np.ndarray | None, given: Given | None
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Depth 0's entropies and first rollout draws (`entropy_and_draws`), except where `given`
+    already has them."""
+    known = np.zeros(len(scores0), dtype=bool)
+    if given is not None and uniforms is not None:
+        have = np.flatnonzero(given.have)
+        known[have[np.isfinite(given.entropy)]] = True
+    if not known.any():
+        return entropy_and_draws(scores0, uniforms)
+    h0 = np.empty(len(scores0), dtype=np.float64)
+    draws = np.empty(uniforms.shape, dtype=np.int64)  # type: ignore[union-attr]
+    at = np.isfinite(given.entropy)  # type: ignore[union-attr]
+    h0[known], draws[known] = given.entropy[at], given.draws[at]  # type: ignore[union-attr]
+    rest = np.flatnonzero(~known)
+    if rest.size:
+        h0[rest], draws[rest] = entropy_and_draws(scores0[rest], uniforms[rest])  # type: ignore[index, assignment]
+    return h0, draws
 
 
 def _given_rollouts(given: Given | None, draws0: np.ndarray

@@ -61,6 +61,7 @@ class _RowSearch:
     lookahead_tokens: int = 0
     ahead_tokens: int = 0  # of lookahead_tokens, those run for the next step
     ahead: dict[int, Continuation] = field(default_factory=dict)  # candidate token -> the next step's depth 0
+    ahead_seeds: dict[int, int] = field(default_factory=dict)  # candidate token -> the rollout seed it assumed
 
 
 @dataclass
@@ -71,12 +72,16 @@ class _Ahead:
     length: int  # len(row.generated) before that token
     token: int
     run: Continuation
+    seed: int  # the next step's rollout seed it assumed (its draws are those of that seed)
 
 
-# most tokens one request to run ahead may add to a call: a wide tree makes every token dearer (each
-# attends to the whole tree), so a wide request costs more than the call it saves when its guess
-# misses. SmolLM2, batch 1, 6 prompts × 20 tokens, per token against no running ahead: cap 16:
-# -10% at a = 0.2, ±0 at a = 0.5; 32: -13%, +1–4%; 64: -15%, +10%.
+# most tokens one request to run ahead adds to a call. A wide tree makes every token dearer and its
+# winner less certain, so a wide request costs more than the calls it saves when its guess misses.
+# A next step expected to need up to twice this many candidates runs its top ones ahead (its first
+# block is then those), one expected to need more runs nothing ahead. SmolLM2, batch 1, 6 prompts ×
+# 20 tokens, ms per token against not running ahead: a = 0.2: -20%; a = 0.5: ±0; a = 0.04 (its
+# calibrated alpha): -34%. Skipping every step that needs over 32 instead: -13% at a = 0.2; a cap of 64:
+# -15% at a = 0.2 but +10% at a = 0.5.
 AHEAD_TOKENS = 32
 MIN_TREE_CANDIDATES = 8  # cache room below this many candidates' trees is not room kept for trees
 
@@ -107,11 +112,14 @@ class EpicChooser:
 
     def _first_block(self, row: Row, search: LazySearch) -> int:
         """Size the first block from this step's bounds and the Ĥ this sample's winners recently had."""
+        return max(1, min(self.max_first_block, self._predicted_need(row, search)))
+
+    def _predicted_need(self, row: Row, search: LazySearch) -> int:
         key = (row.prompt_index, row.sample_index)
         h_guess = self._h_recent.get(key)
         if h_guess is None:  # first step of a sample: what other samples saw, else a middling guess
             h_guess = float(np.mean(list(self._h_recent.values()))) if self._h_recent else self.horizon * 2.0
-        return max(1, min(self.max_first_block, search.predicted_need(h_guess, self.margin)))
+        return search.predicted_need(h_guess, self.margin)
 
     def rollout_uniforms(self, seed: int, token: int) -> np.ndarray:
         """[R, k-1] draws for candidate `token`, fixed by (row seed, token) alone."""
@@ -220,7 +228,7 @@ class EpicChooser:
                 self._rest_recent[key] = 0.5 * self._rest_recent.get(key, rest) + 0.5 * rest
         for r, st, tok in zip(rows, states, chosen.tolist()):
             if tok in st.ahead:
-                self._ahead[id(r)] = _Ahead(r, len(r.generated), tok, st.ahead[tok])
+                self._ahead[id(r)] = _Ahead(r, len(r.generated), tok, st.ahead[tok], st.ahead_seeds[tok])
         next_logits = np.stack([st.winner[0] for st in states])  # type: ignore[index]
         next_cache = merge_branches([st.winner[1] for st in states])  # type: ignore[index]
         stats = [{"entropy_evals": st.evals, "rollouts_skipped": st.skipped, "forward_passes": st.calls,
@@ -228,10 +236,11 @@ class EpicChooser:
         return StepResult(chosen, next_logits, next_cache, stats)
 
     def _given(self, row: Row, st: _RowSearch, ahead: _Ahead | None) -> Continuation | None:
-        """This step's depth 0 if the last step ran it ahead after the token it chose, and every
-        one of its tokens can still be sampled (else the step runs depth 0 itself)."""
+        """What the last step ran ahead after the token it chose, if this step's row and random
+        draws are the ones it assumed and every one of its tokens can still be sampled (else the
+        step runs all itself)."""
         if ahead is None or ahead.row is not row or len(row.generated) != ahead.length + 1 \
-                or row.generated[-1] != ahead.token:
+                or row.generated[-1] != ahead.token or ahead.seed != st.seed:
             return None
         run = ahead.run
         if not np.isfinite(st.search.bound[run.tokens]).all():
@@ -261,17 +270,21 @@ class EpicChooser:
         else:
             r_tokens, r_logits = np.zeros((0, self.rollouts), dtype=np.int64), logits[:0]
             r_columns = [c[:0] for c in columns]
-        return Given(have, logits, columns, went_on, r_tokens, r_logits, r_columns)
+        entropy = np.concatenate([r.entropy if r.entropy is not None else np.full(r.tokens.size, np.nan) for r in runs])
+        draws = np.concatenate([r.draws if r.draws is not None else np.full((r.tokens.size, self.rollouts), -1)
+                                for r in runs])
+        return Given(have, logits, columns, entropy, draws, went_on, r_tokens, r_logits, r_columns)
 
     def _ahead_asker(self, rows: Sequence[Row], states: list[_RowSearch], parents: list[int], tokens: list[int],
                      eos_ids: Any) -> Any:
         """`run_ahead` for one lookahead call. Before each of its last two depths, the candidate
         leading on the terms of Ĥ computed so far gets the next step's first block (sized as
-        `_first_block` sizes it, under the next step's Gumbels: a copy of the row's stream draws
-        them); if it still leads at the last depth, that block's first rollout tokens too, for the
-        candidates the first round's pruner would let go on (under the next step's rollout draws).
-        Nothing where the best so far comes from an earlier call (its tree is gone) or the leader
-        is an end-of-sequence token.
+        `_first_block` sizes it but at most AHEAD_TOKENS, under the next step's Gumbels: a copy of
+        the row's stream draws them); if it still leads at the last depth, that block's first
+        rollout tokens too, for the candidates the first round's pruner would let go on (under the
+        next step's rollout draws). Nothing where the best so far comes from an earlier call (its
+        tree is gone), the leader is an end-of-sequence token, or the next step would need over
+        2·AHEAD_TOKENS candidates.
 
         Only calls of one batch row run ahead. With several, calls are wide, so a call saved costs
         little more than its tokens, and every row's tree is padded to the widest: measured on
@@ -294,20 +307,24 @@ class EpicChooser:
             if run is None:
                 search, seed = self._next_search(row, logits0[lead])
                 plans[lead] = (search, seed)
-                block = search.next_block(self._first_block(row, search))
-                return ([(lead, block)] if 0 < block.size <= AHEAD_TOKENS else []), []
+                st.ahead_seeds[int(toks[lead])] = seed
+                need = self._predicted_need(row, search)
+                if need > 2 * AHEAD_TOKENS:
+                    return [], []
+                block = search.next_block(max(1, min(need, AHEAD_TOKENS)))
+                return ([(lead, block)] if block.size else []), []
             if run.went_on is not None or self.horizon < 2:
                 return [], []
             search, seed = plans[lead]
             scores = self.processors(np.zeros((run.tokens.size, 0), dtype=np.int64), run.logits) \
                 if len(self.processors) else run.logits
             u = np.stack([self.rollout_uniforms(seed, t)[:, 0] for t in run.tokens.tolist()])
-            h0, draws = entropy_and_draws(scores, u)
-            h0 = np.where(np.isin(run.tokens, eos), 0.0, h0)
+            run.entropy, run.draws = entropy_and_draws(scores, u)  # the next step takes them as they are
+            h0 = np.where(np.isin(run.tokens, eos), 0.0, run.entropy)
             go = np.ones(run.tokens.size, dtype=bool)
             if self.prune_slack is not None and self.alpha != 0:
                 go = self._goes_on(search, row, run.tokens, h0, 1, expected=True)
-            return ([], [(run, go, draws[go])]) if 0 < go.sum() * self.rollouts <= AHEAD_TOKENS else ([], [])
+            return ([], [(run, go, run.draws[go])]) if 0 < go.sum() * self.rollouts <= AHEAD_TOKENS else ([], [])
 
         return ask
 
