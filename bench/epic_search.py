@@ -6,7 +6,7 @@ runs. The counts (ORT calls a row takes part in, candidate and rollout tokens ru
 the prompts, seeds and settings, not on the machine, so they compare settings without timing noise;
 wall time per token is shown beside them.
 
-    python bench/epic_search.py                          # a small grid around the defaults (1.0, 2.5), alpha 0.2 and 0.5
+    python bench/epic_search.py                          # a small grid around the defaults (0.5, 2.5), alpha 0.2 and 0.5
     python bench/epic_search.py --margins 0.25,0.5,1 --slacks 1.5,2,2.5 --alphas 0.2
 """
 

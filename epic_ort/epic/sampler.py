@@ -88,7 +88,7 @@ MIN_TREE_CANDIDATES = 8  # cache room below this many candidates' trees is not r
 
 class EpicChooser:
     def __init__(self, alpha: float, horizon: int = 4, rollouts: int = 2, processors: ProcessorList | None = None,
-                 max_first_block: int = 64, margin: float = 1.0, kv_budget_bytes: int = 1 << 30,
+                 max_first_block: int = 64, margin: float = 0.5, kv_budget_bytes: int = 1 << 30,
                  prune_slack: float | None = 2.5, run_ahead: bool = True):
         if horizon < 1 or rollouts < 1:
             raise ValueError("horizon and rollouts must be >= 1")
