@@ -260,19 +260,19 @@ class EpicChooser:
                 if run.went_on is not None:
                     went_on[np.asarray(slots)[run.went_on]] = True
                 runs.append(run)
-        logits = np.concatenate([r.logits for r in runs])
-        columns = [np.concatenate(cols) for cols in zip(*(r.columns for r in runs))]
+        cat = lambda parts: parts[0] if len(parts) == 1 else np.concatenate(parts)  # noqa: E731 (one row: no copy)
+        logits = cat([r.logits for r in runs])
+        columns = [cat(cols) for cols in zip(*(r.columns for r in runs))]
         deeper = [r for r in runs if r.went_on is not None]
         if deeper:
-            r_tokens = np.concatenate([r.rollout_tokens for r in deeper])  # type: ignore[misc]
-            r_logits = np.concatenate([r.rollout_logits for r in deeper])  # type: ignore[misc]
-            r_columns = [np.concatenate(cols) for cols in zip(*(r.rollout_columns for r in deeper))]  # type: ignore[misc]
+            r_tokens = cat([r.rollout_tokens for r in deeper])
+            r_logits = cat([r.rollout_logits for r in deeper])
+            r_columns = [cat(cols) for cols in zip(*(r.rollout_columns for r in deeper))]  # type: ignore[misc]
         else:
             r_tokens, r_logits = np.zeros((0, self.rollouts), dtype=np.int64), logits[:0]
             r_columns = [c[:0] for c in columns]
-        entropy = np.concatenate([r.entropy if r.entropy is not None else np.full(r.tokens.size, np.nan) for r in runs])
-        draws = np.concatenate([r.draws if r.draws is not None else np.full((r.tokens.size, self.rollouts), -1)
-                                for r in runs])
+        entropy = cat([r.entropy if r.entropy is not None else np.full(r.tokens.size, np.nan) for r in runs])
+        draws = cat([r.draws if r.draws is not None else np.full((r.tokens.size, self.rollouts), -1) for r in runs])
         return Given(have, logits, columns, entropy, draws, went_on, r_tokens, r_logits, r_columns)
 
     def _ahead_asker(self, rows: Sequence[Row], states: list[_RowSearch], parents: list[int], tokens: list[int],

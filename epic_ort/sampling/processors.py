@@ -142,7 +142,7 @@ def draws_from_scores(scores: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
 def _exp_pass(scores: np.ndarray, uniforms: np.ndarray | None, want_entropy: bool
               ) -> tuple[np.ndarray | None, np.ndarray | None]:
     x = np.asarray(scores)
-    if len(x) > _ROWS_PER_PASS:  # bound the float32 temporaries: a wide token tree has ~1,000 rows
+    if len(x) > _ROWS_PER_PASS:  # bound the float32 temporaries (a wide token tree has ~1,000 rows)
         cut = range(0, len(x), _ROWS_PER_PASS)
         parts = [_exp_pass(x[i : i + _ROWS_PER_PASS], None if uniforms is None else uniforms[i : i + _ROWS_PER_PASS],
                            want_entropy) for i in cut]
@@ -176,7 +176,7 @@ def _exp_pass(scores: np.ndarray, uniforms: np.ndarray | None, want_entropy: boo
 
 
 _BLOCK = 1024
-_ROWS_PER_PASS = 64
+_ROWS_PER_PASS = 4  # rows per exp pass: their float32 temporaries stay in the L2 cache (70 rows: 5.9 → 4.9 ms)
 
 
 def _search_mass(e: np.ndarray, u: np.ndarray) -> np.ndarray:
