@@ -7,8 +7,9 @@ whichever block or batch evaluated it (this is what makes lazy evaluation provab
 Rounds: each round, every unfinished row proposes a block of candidates (first round: the top
 bounds that can win if the winner's Ĥ is near this sample's recent Ĥ; later rounds: every candidate
 whose bound still beats the row's best score), all blocks run through one lookahead (k ORT calls),
-and rows update their best. Usually one round suffices, so a token costs about k forward passes,
-and the winner's depth-0 logits and cache become the next step's, so no extra decoding call.
+and rows update their best. Usually one round suffices, so a token costs about k forward passes
+(k − 2 when the step before ran it ahead, below), and the winner's depth-0 logits and cache become
+the next step's, so no extra decoding call.
 
 Within the first round, depth 0 (one token per candidate) gives Ĥ's first term h0 exactly, which
 tightens each bound by a·h0, and each further depth tightens it by its term. Before each depth,
