@@ -61,13 +61,13 @@ class _RowSearch:
     calls: int = 0
     lookahead_tokens: int = 0
     ahead_tokens: int = 0  # of lookahead_tokens, those run for the next step
-    ahead: dict[int, Continuation] = field(default_factory=dict)  # candidate token -> the next step's depth 0
+    ahead: dict[int, Continuation] = field(default_factory=dict)  # candidate token -> the next step's first depths
     ahead_seeds: dict[int, int] = field(default_factory=dict)  # candidate token -> the rollout seed it assumed
 
 
 @dataclass
 class _Ahead:
-    """A row's next-step depth 0, run ahead after the token it chose."""
+    """A row's next step's first depths, run ahead after the token it chose."""
 
     row: Row  # the row it belongs to (the same object at the next step)
     length: int  # len(row.generated) before that token
@@ -101,8 +101,8 @@ class EpicChooser:
         self.margin = margin
         self.kv_budget_bytes = kv_budget_bytes
         self.prune_slack = prune_slack  # nats of rollout entropy the expected best may be off by; None: never skip
-        self.run_ahead = run_ahead  # run the likely winner's next-step depth 0 in the last depth's call
-        self._ahead: dict[int, _Ahead] = {}  # id(row) -> its next step's depth 0, run ahead
+        self.run_ahead = run_ahead  # run the likely winner's next step's first depths in this step's last calls
+        self._ahead: dict[int, _Ahead] = {}  # id(row) -> its next step's first depths, run ahead
         # room the decoding cache keeps for the lookahead's token trees (graphs that write in place):
         # a row's tree holds its candidates and R rollouts of k-1 tokens each (fewer once rollouts
         # stop); 32 candidates covers nearly all steps, and a bigger tree grows the cache once
@@ -450,7 +450,8 @@ def epic_step(
     scores = procs(np.zeros((len(rngs), 0), dtype=np.int64), logits) if len(procs) else logits
     hist = histories if histories is not None else [[] for _ in rngs]
     rows = [Row(0, i, list(h), rng) for i, (h, rng) in enumerate(zip(hist, rngs))]
-    return EpicChooser(alpha, horizon, rollouts, procs)(model, rows, logits, scores, cache)
+    # one step: nothing would take up what it ran ahead
+    return EpicChooser(alpha, horizon, rollouts, procs, run_ahead=False)(model, rows, logits, scores, cache)
 
 
 def _run_length(parents: list[int], j: int) -> int:
