@@ -31,8 +31,8 @@ for the candidate most likely to win, the next step's first candidates (then, at
 their first rollout tokens); they ride along in calls that run anyway, and their logits and
 key/value columns come back as `Continuation`s. If that candidate wins, the next step passes them
 back as `given` and skips the calls for those depths: k−2 calls per token instead of k. What is
-computed is the same either way (the same tokens at the same positions over the same keys), so
-this changes cost only.
+computed is the same either way (the same tokens at the same positions over the same keys), up to
+float rounding from the calls' different shapes, so this changes cost only.
 """
 
 from __future__ import annotations
@@ -99,7 +99,6 @@ Keep = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
 # run_ahead(idx, lower, logits0, runs) -> (first blocks [(candidate, tokens)], rollouts [(run, go, tokens [g, R])])
 RunAhead = Callable[[np.ndarray, np.ndarray, np.ndarray, list[Continuation]],
                     tuple[list[tuple[int, np.ndarray]], list[tuple[Continuation, np.ndarray, np.ndarray]]]]
-RunAhead = Callable[[np.ndarray, np.ndarray, np.ndarray], list[tuple[int, np.ndarray]]]
 
 
 def lookahead_entropy(
@@ -158,7 +157,7 @@ def lookahead_entropy(
     active = np.arange(n)
     if depth > 1 and keep is not None:
         active = active[np.asarray(keep(active, lower, 1), dtype=bool)]
-    placed = _given_rollouts(given, draws0) if depth > 1 and isinstance(rows, _TreeRows) else None
+    placed = _given_rollouts(given, draws0) if depth > 1 else None  # given: token trees only
     if placed is not None:  # what was run ahead goes on (the rest stops: a later round resumes it if need be)
         active = active[given.went_on[active]]  # type: ignore[union-attr]
     if depth > 1 and active.size:
@@ -357,8 +356,10 @@ class _TreeRows:
         if c.writes is None or not c.room_is_free or c.capacity < past + width or \
                 not all(isinstance(v, np.ndarray) for v in c.values):
             return None
+        padded = cand.size < units * width  # narrower units: slots no token fills, masked but must be finite
         for v, x in zip(c.values, columns):
-            v[:, :, past:past + width] = 0  # slots no token fills (narrower units) are masked, but must be finite
+            if padded:
+                v[:, :, past:past + width] = 0
             v[unit, :, past + col] = x
         real = np.zeros((units, width), dtype=np.int64)
         real[unit, col] = 1

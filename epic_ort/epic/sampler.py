@@ -27,8 +27,8 @@ nine steps of ten) gets the next step's first block, chosen with the next step's
 from a copy of the row's random stream, which then draws the same numbers at the next step), run as
 its children in the call of depth k−2; if it still leads at depth k−1, that block's first rollout
 tokens ride in that call. If it wins, the next step's first round starts at depth 2 (or 1): k−2
-calls instead of k. The tokens chosen are exactly those without it: only which calls compute what
-changes.
+calls instead of k. The tokens chosen are those without it (up to float rounding, as between any
+two block layouts): only which calls compute what changes.
 
 With horizon 1 Ĥ is deterministic, so rows whose whole history is identical (several samples of one
 prompt) evaluate each shared candidate once.
@@ -314,7 +314,7 @@ class EpicChooser:
                     return [], []
                 block = search.next_block(max(1, min(need, AHEAD_TOKENS)))
                 return ([(lead, block)] if block.size else []), []
-            if run.went_on is not None or self.horizon < 2:
+            if run.went_on is not None:
                 return [], []
             search, seed = plans[lead]
             scores = self.processors(np.zeros((run.tokens.size, 0), dtype=np.int64), run.logits) \
