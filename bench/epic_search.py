@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 import epic_ort  # noqa: E402
 from epic_ort.decoding import GenerationConfig, generate  # noqa: E402
-from epic_ort.epic.sampler import EpicChooser  # noqa: E402
+from epic_ort.epic.chooser import EpicChooser  # noqa: E402
 
 # prose of the package's own data plus text of other kinds, so no setting is fitted to one style
 OTHER_PROMPTS = [

@@ -9,7 +9,6 @@ import argparse
 import sys
 import time
 
-import numpy as np
 
 import epic_ort
 from epic_ort.runtime.providers import available_providers

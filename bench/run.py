@@ -162,7 +162,8 @@ def _timed(fn, repeats: int) -> tuple[list[float], Any]:
 
 def worker_epic_ort(args: argparse.Namespace) -> dict[str, Any]:
     import epic_ort
-    from epic_ort.decoding import GenerationConfig, StepResult, make_chooser
+    from epic_ort.chooser import StepResult
+    from epic_ort.decoding import GenerationConfig, make_chooser
 
     prompts = _worker_prompts(args)
     t0 = time.perf_counter()
@@ -182,10 +183,10 @@ def worker_epic_ort(args: argparse.Namespace) -> dict[str, Any]:
 
         def __init__(self, inner):
             self.inner, self.steps, self.row_steps = inner, 0, []
-            self.cache_scratch = getattr(inner, "cache_scratch", 0)  # room EPIC's trees need in the cache
+            self.scratch_positions = inner.scratch_positions  # room EPIC's trees need in the cache
 
-        def __call__(self, model, rows, logits, scores, cache) -> StepResult:
-            res = self.inner(model, rows, logits, scores, cache)
+        def choose(self, model, rows, logits, scores, cache) -> StepResult:
+            res = self.inner.choose(model, rows, logits, scores, cache)
             self.steps += 1
             if res.row_stats is not None:
                 self.row_steps.extend(res.row_stats)

@@ -12,7 +12,8 @@ from .errors import (
     ModelLoadError,
     NumericalError,
 )
-from .decoding import GenerationConfig, Sample, generate
+from .decoding import Sample, generate
+from .settings import GenerationConfig
 from .runtime.model import CausalLM, KVCache, load
 
 __version__ = "0.1.0"

@@ -8,20 +8,24 @@ resumed by skipping requests whose samples are all in the output already.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .decoding import GenerationConfig
 from .errors import InvalidRequestError
+from .settings import GenerationConfig, setting_fields
 
-_CONFIG_KEYS = {f.name for f in fields(GenerationConfig)} - {"truncate"}
-_OTHER_KEYS = {"prompt", "id", "num_samples", "chat", "truncate"}
+_OTHER_KEYS = {"prompt", "id", "num_samples", "chat"}
+
+
+def request_keys() -> set[str]:
+    """Every key a request line may have: the settings (settings.py) and the request's own."""
+    return {f.name for f, _ in setting_fields()} | _OTHER_KEYS
 
 
 @dataclass
 class Request:
-    index: int  # 0-based line number among non-blank lines... see read_requests
+    index: int  # 0-based count of non-blank lines before this one (see read_requests)
     line: int  # 1-based line number in the file
     prompt: str
     config: GenerationConfig
@@ -33,33 +37,20 @@ class Request:
 def parse_request(obj: Any, index: int, line: int, defaults: GenerationConfig, num_samples: int, chat: bool) -> Request:
     if not isinstance(obj, dict):
         raise InvalidRequestError("a request must be a JSON object with at least a \"prompt\"")
-    unknown = set(obj) - _CONFIG_KEYS - _OTHER_KEYS
+    unknown = set(obj) - request_keys()
     if unknown:
         raise InvalidRequestError(f"unknown field(s) {', '.join(sorted(unknown))}")
     prompt = obj.get("prompt")
     if not isinstance(prompt, str):
         raise InvalidRequestError("\"prompt\" must be a string")
-    overrides = {k: obj[k] for k in _CONFIG_KEYS if k in obj}
-    if "stop" in overrides:
-        stop = overrides["stop"]
-        overrides["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
-    if "truncate" in obj:
-        overrides["truncate"] = obj["truncate"]
-    try:
-        config = replace(defaults, **overrides)
-        auto = config.alpha == "auto"
-        if not auto and (isinstance(config.alpha, bool) or not isinstance(config.alpha, (int, float))):
-            raise InvalidRequestError("\"alpha\" must be a number or \"auto\"")
-        for key in ("max_new_tokens", "top_k", "horizon", "rollouts"):
-            if not isinstance(getattr(config, key), int) or isinstance(getattr(config, key), bool):
-                raise InvalidRequestError(f"\"{key}\" must be an integer")
-        replace(config, alpha=0.0).validate() if auto else config.validate()
-    except TypeError as e:
-        raise InvalidRequestError(str(e)) from None
+    config = defaults.updated({k: v for k, v in obj.items() if k not in _OTHER_KEYS})
     n = obj.get("num_samples", num_samples)
-    if not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise InvalidRequestError("\"num_samples\" must be an integer >= 1")
-    return Request(index, line, prompt, config, n, bool(obj.get("chat", chat)), obj.get("id"))
+    use_chat = obj.get("chat", chat)
+    if not isinstance(use_chat, bool):
+        raise InvalidRequestError("\"chat\" must be true or false")
+    return Request(index, line, prompt, config, n, use_chat, obj.get("id"))
 
 
 def read_requests(path: Path, defaults: GenerationConfig, num_samples: int, chat: bool

@@ -89,3 +89,57 @@ def test_cuda_unavailable_is_clear(tiny_exports):
 def test_export_refuses_existing_folder(tiny_exports):
     r = run("export", tiny_exports["llama"]["hf"], tiny_exports["llama"]["onnx"])
     assert r.exit_code == 2 and "--force" in r.stderr
+
+
+def _requests(tmp_path, n=2):
+    f = tmp_path / "req.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"the cat {i}", "max_new_tokens": 3, "seed": i}) + "\n" for i in range(n)))
+    return f
+
+
+def test_output_never_destroys_results_unless_asked(tiny_exports, tmp_path):
+    d, req = tiny_exports["llama"]["onnx"], _requests(tmp_path)
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"precious": true}\n')
+    r = run("generate", d, "--input", req, "--output", out)
+    assert r.exit_code == 2 and "--resume" in r.stderr and "--overwrite" in r.stderr
+    assert out.read_text() == '{"precious": true}\n'
+    r = run("generate", d, "--input", req, "--output", out, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert [json.loads(line)["request_index"] for line in out.read_text().splitlines()] == [0, 1]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert run("generate", d, "--input", req, "--output", empty).exit_code == 0  # nothing to lose
+    assert run("generate", d, "--input", req, "--output", out, "--overwrite", "--resume").exit_code == 2
+
+
+def test_resume_says_what_it_skips(tiny_exports, tmp_path):
+    d, req = tiny_exports["llama"]["onnx"], _requests(tmp_path, 3)
+    out = tmp_path / "out.jsonl"
+    assert run("generate", d, "--input", req, "--output", out).exit_code == 0
+    lines = out.read_text().splitlines()
+    out.write_text(lines[0] + "\n")
+    r = run("generate", d, "--input", req, "--output", out, "--resume")
+    assert r.exit_code == 0, r.output
+    assert "1 of 3 request(s) already complete, 2 to run" in r.stderr
+    strip = lambda text: sorted(json.dumps(dict(o, stats=None)) for o in map(json.loads, text.splitlines()))  # noqa: E731
+    assert strip(out.read_text()) == strip("\n".join(lines))
+
+
+def test_prompt_from_stdin(tiny_exports):
+    d = tiny_exports["llama"]["onnx"]
+    args = ["generate", str(d), "--max-new-tokens", "6", "--seed", "2", "--format", "jsonl"]
+    piped = CliRunner().invoke(main, args, input="the cat sat\n", catch_exceptions=False)
+    given = CliRunner().invoke(main, args + ["the cat sat"], catch_exceptions=False)
+    assert piped.exit_code == 0, piped.output
+    assert json.loads(piped.stdout)["token_ids"] == json.loads(given.stdout)["token_ids"]
+    empty = CliRunner().invoke(main, args, input="", catch_exceptions=False)
+    assert empty.exit_code == 2 and "empty" in empty.stderr and empty.stderr.count("\n") == 1
+
+
+def test_prompt_that_looks_like_a_flag_value_warns(tiny_exports):
+    r = run("generate", tiny_exports["llama"]["onnx"], "the cat", ",", "--stop", ".", "--max-new-tokens", "2")
+    assert r.exit_code == 0
+    assert "warning: prompt 1 is ','" in r.stderr and "--stop" in r.stderr
+    quiet = run("generate", tiny_exports["llama"]["onnx"], "the cat", "a dog", "--max-new-tokens", "2")
+    assert "warning" not in quiet.stderr

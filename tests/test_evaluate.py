@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from epic_ort.calibration import metrics
-from epic_ort.calibration.evaluate import DEFAULT_METHODS, evaluate, format_table, parse_method, parse_methods
+from epic_ort.evaluation import metrics
+from epic_ort.evaluation import DEFAULT_METHODS, evaluate, format_table, parse_method, parse_methods
 from epic_ort.errors import InvalidRequestError
-from epic_ort.sampling.processors import entropy, log_softmax
+from epic_ort.sampling.kernels import entropy, log_softmax
 
 TEXT = (
     "the cat sat on the mat. the dog ran to the park, and the bird sang a song! "

@@ -94,3 +94,59 @@ def test_q4_1_weights_packed_unless_asked(tmp_path):
     a, _ = epic_ort.load(tmp_path / "packed", provider="cpu").prefill(ids)
     b, _ = epic_ort.load(tmp_path / "unpacked", provider="cpu").prefill(ids)
     assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+
+def test_unknown_model_fails_fast_in_one_line(tmp_path):
+    """A name that is neither a folder nor an alias, with no hub to ask (this test environment has
+    no network), ends in one error line naming the known aliases: no minute of hub retries, no
+    connection noise, no traceback, no output folder."""
+    import subprocess
+    import sys
+
+    from epic_ort.export import alias_names
+
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "epic_ort.cli.main", "export", "no-such-model-alias", str(out)],
+                            capture_output=True, text=True, timeout=20)  # a hang guard, not a speed assertion
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("epic-ort: error:"), result.stderr
+    assert "no-such-model-alias" in lines[0] and all(a in lines[0] for a in alias_names())
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_hub_id_goes_to_the_hub_when_it_answers(monkeypatch):
+    """Where the hub answers (here a local HTTP server standing in for HF_ENDPOINT), a hub id is
+    passed on to from_pretrained as before; offline, a hub id the local cache holds is loaded
+    from it alone."""
+    import http.server
+    import threading
+
+    import huggingface_hub
+
+    from epic_ort.export import resolve_source
+
+    class Quiet(http.server.BaseHTTPRequestHandler):  # answers 501 to everything, silently
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        monkeypatch.setenv("no_proxy", "127.0.0.1")
+        assert resolve_source("some-org/some-model") == ("some-org/some-model", {}, "hub:some-org/some-model")
+    finally:
+        server.shutdown()
+        server.server_close()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ExportError, match="known alias .*smollm2-135m.*HF_HUB_OFFLINE is set"):
+        resolve_source("some-org/some-model")
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: f"/cache/{repo}/{name}")
+    assert resolve_source("some-org/some-model")[1] == {"local_files_only": True}
+    with pytest.raises(ExportError, match="not a hub id"):
+        resolve_source("not a name!")

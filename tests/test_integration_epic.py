@@ -7,23 +7,31 @@ import pytest
 from scipy import stats
 
 import epic_ort
-from epic_ort.sampling.processors import entropy, log_softmax
+from epic_ort.sampling.kernels import entropy, log_softmax
 
 pytestmark = pytest.mark.integration
 
 PROMPT = "My favourite thing to eat for breakfast is"
 
 
-def _brute_force_next_entropies(model, prompt_ids, chunk=1024):
-    """Entropy(q(.|x, y)) for every y in the vocabulary, by running every y on the prefix."""
+TOP_K = 1000  # the support EPIC samples from: brute force over it costs 1,000 tokens, not the 49,152 of the vocabulary
+
+
+def _brute_force_next_entropies(model, prompt_ids):
+    """log q over the top-k support and Entropy(q(.|x, y)) for every y in it, by running every y on
+    the prefix; q is the processed (top-k) distribution at both steps, as EPIC's lookahead sees it."""
+    from epic_ort.settings import GenerationConfig
+
+    procs = GenerationConfig(top_k=TOP_K).processors()
     logits, cache = model.prefill([prompt_ids])
-    out = np.empty(model.vocab_size)
-    for lo in range(0, model.vocab_size, chunk):
-        ys = np.arange(lo, min(lo + chunk, model.vocab_size))
-        nxt, _ = model.step(ys, cache.select(np.zeros(len(ys), dtype=np.int64)))
-        out[lo : lo + len(ys)] = entropy(nxt)
-    out[list(model.eos_token_ids)] = 0.0
-    return log_softmax(logits)[0].astype(np.float64), out
+    logq = log_softmax(procs.apply(logits))[0].astype(np.float64)
+    support = np.flatnonzero(np.isfinite(logq))
+    assert support.size >= TOP_K
+    nxt, _ = model.step(support, cache.select(np.zeros(support.size, dtype=np.int64)))
+    h = np.zeros(model.vocab_size)
+    h[support] = entropy(procs.apply(nxt))
+    h[list(model.eos_token_ids)] = 0.0
+    return logq, h
 
 
 def _chi2(counts, probs, min_expected=5.0):
@@ -52,8 +60,8 @@ def brute(smollm2):
 def test_one_token_samples_follow_brute_force_q_alpha(smollm2, brute, alpha):
     ids, logq, h = brute
     n = 2000
-    cfg = epic_ort.GenerationConfig(max_new_tokens=1, alpha=alpha, horizon=1, rollouts=1, seed=11)
-    samples = list(epic_ort.generate(smollm2, [PROMPT], cfg, num_samples=n, batch_size=500))
+    cfg = epic_ort.GenerationConfig(max_new_tokens=1, alpha=alpha, horizon=1, rollouts=1, seed=11, top_k=TOP_K)
+    samples = list(epic_ort.generate(smollm2, [PROMPT], cfg, num_samples=n, batch_size=1000))
     counts = np.bincount([s.token_ids[0] for s in samples], minlength=smollm2.vocab_size).astype(float)
     qa = logq - alpha * h
     qa = np.exp(qa - qa.max())
@@ -80,7 +88,7 @@ def test_epic_cost_figures(smollm2):
     passes per token stay near k (the chosen token's first lookahead step is reused)."""
     from epic_ort.calibration.corpus import context_at, load_corpus, sample_positions
     from epic_ort.decoding import generate
-    from epic_ort.epic.sampler import EpicChooser
+    from epic_ort.epic.chooser import EpicChooser
 
     corpus = load_corpus(smollm2)
     pos = sample_positions(corpus, 4, 48, 1, seed=2)

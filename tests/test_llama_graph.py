@@ -261,7 +261,9 @@ def test_external_data_when_large(lean, tmp_path, monkeypatch):
     import onnxruntime as ort
 
     hf_model, folder = lean["tied"]
-    monkeypatch.setattr(llama_graph, "_MAX_PROTO_BYTES", 0)
+    from epic_ort.export.lean import graph as lean_graph
+
+    monkeypatch.setattr(lean_graph, "MAX_PROTO_BYTES", 0)
     path = tmp_path / "model.onnx"
     build_llama_onnx(hf_model, path)
     assert (tmp_path / "model.onnx.data").is_file()

@@ -73,14 +73,12 @@ def test_manifest_records_graph_facts(tiny):
 def test_present_buffers_hold_the_new_cache(tiny, monkeypatch):
     """A step written into preallocated buffers gives the cache ORT would have allocated, as views
     of those buffers, alternating between the two sets; a buffer too small is not used."""
-    from epic_ort.runtime.model import KVBuffers
-
     _, _, onnx_dir = tiny
     model = epic_ort.load(onnx_dir, provider="cpu")
     if model.kv_in_place:  # the lean graph without in-place writes (how it runs on a GPU)
         monkeypatch.setattr(type(model), "kv_in_place", property(lambda self: False))
     logits, cache = model.prefill([[1, 5, 6, 7], [1, 8]])
-    buffers = KVBuffers(model, rows=2, max_length=8)
+    buffers = model.step_buffers(rows=2, max_length=8)
     tokens = np.array([9, 10])
     ref_logits, ref = model.step(tokens, cache)
     first = buffers.next()
@@ -95,7 +93,7 @@ def test_present_buffers_hold_the_new_cache(tiny, monkeypatch):
     r2, _ = model.step(tokens, ref)
     np.testing.assert_allclose(l2, r2, atol=1e-6)
     assert all(np.shares_memory(v, buf) for v, buf in zip(c2.values, second))
-    small = KVBuffers(model, rows=2, max_length=3).next()  # the new cache needs 5 positions
+    small = model.step_buffers(rows=2, max_length=3).next()  # the new cache needs 5 positions
     _, c3 = model.step(tokens, cache, present_buffers=small)
     assert not any(isinstance(v, np.ndarray) and np.shares_memory(v, b) for v, b in zip(c3.values, small))
 
@@ -182,7 +180,7 @@ def test_steps_on_the_same_buffers_reuse_one_io_binding(tiny_llama, monkeypatch)
     """An in-place step binds only its small inputs anew when the cache's buffers are the ones its
     binding already holds; growth, compaction and forks bring new buffers and a new binding. The
     logits are those of a fresh binding at every step."""
-    from epic_ort.runtime import model as runtime
+    from epic_ort.runtime import cache as runtime
 
     model = tiny_llama
     rows = [model.encode("the cat sat"), model.encode("a dog"), model.encode("x y z w")]

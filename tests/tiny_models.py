@@ -81,3 +81,44 @@ def quantize_linears_q4_1(model) -> None:
             if isinstance(module, torch.nn.Linear):
                 weight, _ = q4_1_reference(module.weight.detach().numpy())
                 module.weight.copy_(torch.from_numpy(weight))
+
+
+def build_decoder_model(kind: str, folder: Path, seed: int = 0, q4_1: bool = False, **config):
+    """A tiny random Qwen2 ("qwen2"), Qwen3 ("qwen3") or Gemma ("gemma") causal LM saved to `folder`
+    with the test tokenizer. Defaults: GQA with 4 heads of 16 and 2 KV heads; `config` overrides. transformers
+    initializes biases to 0 and norm weights to 1, which would hide a bias or a norm the graph
+    forgot, so every bias and every RMSNorm weight (q_norm/k_norm included) is drawn at random.
+    q4_1: every Linear weight becomes its Q4_1 round trip (the biases stay float)."""
+    import torch
+    from transformers import (GemmaConfig, GemmaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    _, vocab = build_tokenizer(folder)
+    torch.manual_seed(seed)
+    base = dict(
+        vocab_size=vocab, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        initializer_range=0.3, tie_word_embeddings=False,
+    )
+    base.update(config)
+    if kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**base))
+    elif kind == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**base))
+    elif kind == "gemma":
+        model = GemmaForCausalLM(GemmaConfig(**{"head_dim": base["hidden_size"] // base["num_attention_heads"], **base}))
+    else:
+        raise ValueError(kind)
+    model.eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+            elif "norm" in name:
+                p.copy_(1 + torch.randn(p.shape, generator=generator) * 0.3)
+    if q4_1:
+        quantize_linears_q4_1(model)
+    model.save_pretrained(str(folder))
+    return model

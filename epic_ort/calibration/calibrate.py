@@ -21,11 +21,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..epic.lookahead import lookahead_entropy
+from ..epic.estimator import lookahead_entropy
 from ..fileio import write_json_atomic
 from ..progress import progress
 from ..runtime.model import CausalLM
-from ..sampling.processors import log_softmax
+from ..sampling.kernels import log_softmax
 from .corpus import Corpus, context_at, load_corpus, sample_positions
 
 CALIBRATION_NAME = "epic_calibration.json"

@@ -1,8 +1,9 @@
 """Hugging Face causal LM -> ONNX folder with KV-cache inputs/outputs.
 
-Llama-family models get epic-ort's lean hand-built graph (llama_graph.py: ~10 nodes per layer
-instead of Optimum's ~100, same inputs and outputs; it runs on the CPU); every other architecture,
-fp16 (for GPUs), or `--graph optimum` goes through Optimum's exporter.
+The architectures in lean/architectures.py (Llama, Mistral, Qwen2/2.5, Qwen3, Gemma) get epic-ort's
+lean hand-built graph (lean/: ~10 nodes per layer instead of Optimum's ~100, same inputs and
+outputs; it runs on the CPU); every other architecture, fp16 (for GPUs), or `--graph optimum` goes
+through Optimum's exporter.
 
 This is the only part of epic-ort that needs torch/transformers/optimum (the `export` extra);
 they are imported inside the functions so that `import epic_ort` never pulls them in.
@@ -12,10 +13,15 @@ export leaves nothing behind.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import os
+import ssl
 import sys
+import threading
+import urllib.error
+import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -31,10 +37,20 @@ DTYPES = ("fp32", "fp16")
 QUANTIZATIONS = (None, "int8", "int8-dynamic")
 GRAPHS = ("auto", "lean", "optimum")
 INT8_BLOCK = 32  # weights per int8 scale: small blocks keep SmolLM2's perplexity within 1% of fp32
+HUB_PROBE_SECONDS = 2.0  # how long a hub id waits to learn whether the hub answers at all
+
+
+def alias_names() -> tuple[str, ...]:
+    """The model aliases `epic-ort export` accepts besides folders and hub ids (for --help and errors)."""
+    return tuple(sorted(ALIASES))
 
 
 def resolve_source(model: str) -> tuple[str, dict[str, Any], str]:
-    """(what to pass to from_pretrained, its extra kwargs, a description for the manifest)."""
+    """(what to pass to from_pretrained, its extra kwargs, a description for the manifest).
+
+    A name that is neither a folder nor an alias is taken as a hub id only when the hub can
+    answer (or already answered: the local Hugging Face cache holds it); otherwise transformers
+    would retry for most of a minute before saying the same thing."""
     if model in ALIASES:
         package, gguf, pip_spec = ALIASES[model]
         spec = importlib.util.find_spec(package)  # locates the folder without importing the package
@@ -54,7 +70,69 @@ def resolve_source(model: str) -> tuple[str, dict[str, Any], str]:
         return str(path), {}, str(path.resolve())
     if os.sep in model and model.count("/") > 1:
         raise ExportError(f"model folder {model} does not exist")
-    return model, {}, f"hub:{model}"
+    return model, _hub_kwargs(model), f"hub:{model}"
+
+
+def _unknown_model(model: str, why: str) -> ExportError:
+    close = difflib.get_close_matches(model, alias_names(), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ExportError(f"unknown model {model!r}: not a folder, not a known alias ({', '.join(alias_names())}), "
+                       f"and {why}{hint}")
+
+
+def _hub_kwargs(model: str) -> dict[str, Any]:
+    """from_pretrained's extra kwargs for hub id `model`: none when the hub is reachable,
+    local_files_only when only the local cache can serve it; ExportError when nothing can."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+    except ImportError:  # no export extra: export() says so in its own words
+        return {}
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        raise _unknown_model(model, "not a hub id") from None
+    offline = next((name for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if _env_flag(name)), None)
+    if not offline and _hub_reachable():
+        return {}
+    try:
+        cached = isinstance(try_to_load_from_cache(model, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an unreadable cache serves nothing
+        cached = False
+    if cached:
+        return {"local_files_only": True}
+    why = f"{offline} is set" if offline else "the hub is unreachable"
+    raise _unknown_model(model, f"{why} and it is not in the local Hugging Face cache")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether the hub (HF_ENDPOINT) answers a HEAD request within `timeout`, through the
+    environment's proxies as the hub client would. Any HTTP answer counts, and so does a
+    certificate the system store rejects (the hub client brings its own). Runs in a daemon
+    thread: name resolution ignores socket timeouts and can hang far longer."""
+    request = urllib.request.Request(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), method="HEAD")
+    answered: list[bool] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(request, timeout=timeout).close()
+            answered.append(True)
+        except urllib.error.HTTPError:
+            answered.append(True)
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, ssl.SSLCertVerificationError):
+                answered.append(True)
+        except (OSError, ValueError):
+            pass
+
+    thread = threading.Thread(target=probe, name="epic-ort-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(answered)
 
 
 def export(
@@ -71,7 +149,8 @@ def export(
 ) -> Manifest:
     """Export `model` into `output_dir` and return the manifest written beside model.onnx.
 
-    graph: "lean" (epic-ort's own Llama graph), "optimum", or "auto" (lean where supported).
+    graph: "lean" (epic-ort's own graph, for the architectures of lean/architectures.py), "optimum",
+    or "auto" (lean where supported).
     pack: in the lean fp32 graph, keep weights that are exactly 4-bit blocks (a Q4_1 GGUF's) as
     4-bit: the same numbers in 5 bits instead of 32 (export/packing.py). False stores float32."""
     if graph not in GRAPHS:
@@ -89,8 +168,8 @@ def export(
     source, kwargs, description = resolve_source(model)
     try:
         import torch
+        from optimum.exporters.onnx import onnx_export_from_model  # noqa: F401 - the extra is complete
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        from optimum.exporters.onnx import onnx_export_from_model
     except ImportError as e:
         raise ExportError(f"export needs the `export` extra ({e.name} missing): pip install 'epic-ort[export]'") from None
 
@@ -102,42 +181,15 @@ def export(
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
             hf_model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch.float32, **kwargs)
         except OSError as e:
-            raise ExportError(f"cannot load {model!r}: {str(e).splitlines()[0]}") from None
+            known = f" (known aliases: {', '.join(alias_names())})" if description.startswith("hub:") else ""
+            raise ExportError(f"cannot load {model!r}: {str(e).splitlines()[0]}{known}") from None
         hf_model.eval()
         graph = _choose_graph(graph, hf_model.config, opset, dtype)
-        if graph == "lean":
-            from .llama_graph import OPSET, build_llama_onnx
-
-            say(f"[2/4] writing the lean {hf_model.config.model_type} graph (opset {OPSET})")
-            packed = build_llama_onnx(hf_model, tmp / "model.onnx", pack_weights=pack and not quantize and dtype == "fp32")
-            if packed:
-                say(f"      {packed} weight products kept as their exact 4-bit blocks (lossless)")
-            hf_model.config.save_pretrained(str(tmp))
-            hf_model.generation_config.save_pretrained(str(tmp))
-            opset = OPSET
-        else:
-            say("[2/4] exporting to ONNX with Optimum (text-generation-with-past)")
-            onnx_export_from_model(
-                hf_model,
-                str(tmp),
-                opset=opset,
-                task="text-generation-with-past",
-                do_validation=False,
-            )
+        opset, packed = _write_graph(hf_model, tmp, graph, opset, pack and not quantize and dtype == "fp32", say)
         tokenizer.save_pretrained(str(tmp))
         if not (tmp / "tokenizer.json").is_file():
             raise ExportError(f"{model!r} has no fast tokenizer (tokenizer.json); epic-ort's runtime needs one")
-        if dtype == "fp16":
-            say("[3/4] converting to fp16")
-            _convert_fp16(tmp / "model.onnx")
-        elif quantize == "int8":
-            say(f"[3/4] quantizing MatMul weights to int8 (weight-only, blocks of {INT8_BLOCK})")
-            _quantize_int8(tmp / "model.onnx")
-        elif quantize == "int8-dynamic":
-            say("[3/4] quantizing weights and activations to int8 (ONNX Runtime dynamic quantization)")
-            _quantize_int8_dynamic(tmp / "model.onnx")
-        else:
-            say("[3/4] checking the graph")
+        _post_process(tmp / "model.onnx", dtype, quantize, say)
         manifest = _build_manifest(tmp, hf_model.config, tokenizer, description, dtype, opset, quantize, graph)
         if graph == "lean":
             manifest.extra["packed_products"] = packed
@@ -146,11 +198,46 @@ def export(
     return manifest
 
 
+def _write_graph(hf_model: Any, tmp: Path, graph: str, opset: int | None, pack: bool,
+                 say: Callable[[str], None]) -> tuple[int | None, int]:
+    """model.onnx (and, for the lean graph, the config files Optimum would write) into `tmp`.
+    Returns (the graph's opset, how many products stayed 4-bit)."""
+    if graph == "lean":
+        from .lean import OPSET, build_lean_onnx
+
+        say(f"[2/4] writing the lean {hf_model.config.model_type} graph (opset {OPSET})")
+        packed = build_lean_onnx(hf_model, tmp / "model.onnx", pack_weights=pack)
+        if packed:
+            say(f"      {packed} weight products kept as their exact 4-bit blocks (lossless)")
+        hf_model.config.save_pretrained(str(tmp))
+        hf_model.generation_config.save_pretrained(str(tmp))
+        return OPSET, packed
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    say("[2/4] exporting to ONNX with Optimum (text-generation-with-past)")
+    onnx_export_from_model(hf_model, str(tmp), opset=opset, task="text-generation-with-past", do_validation=False)
+    return opset, 0
+
+
+def _post_process(path: Path, dtype: str, quantize: str | None, say: Callable[[str], None]) -> None:
+    if dtype == "fp16":
+        say("[3/4] converting to fp16")
+        _convert_fp16(path)
+    elif quantize == "int8":
+        say(f"[3/4] quantizing MatMul weights to int8 (weight-only, blocks of {INT8_BLOCK})")
+        _quantize_int8(path)
+    elif quantize == "int8-dynamic":
+        say("[3/4] quantizing weights and activations to int8 (ONNX Runtime dynamic quantization)")
+        _quantize_int8_dynamic(path)
+    else:
+        say("[3/4] checking the graph")
+
+
 def _choose_graph(graph: str, config: Any, opset: int | None, dtype: str = "fp32") -> str:
     """Resolve "auto"; refuse "lean" where the lean builder does not support the model. fp16 is
     for GPUs, where the lean graph's attention has no kernel (see runtime.providers), so "auto"
     exports Optimum's graph for fp16."""
-    from .llama_graph import OPSET, supports
+    from .lean import OPSET, supports
 
     why = supports(config)
     if graph == "lean":
@@ -165,15 +252,22 @@ def _choose_graph(graph: str, config: Any, opset: int | None, dtype: str = "fp32
 
 
 def _quiet_libraries() -> None:
-    """Exporting prints pages of tracer warnings that say nothing actionable to a user."""
+    """Exporting prints pages of tracer warnings and hub retry notices that say nothing actionable
+    to a user (the error that ends them does)."""
     import logging
 
-    for name in ("transformers", "optimum", "torch.onnx", "onnxruntime"):
+    for name in ("transformers", "optimum", "torch.onnx", "onnxruntime", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+    try:  # its "Retrying in 8s [Retry 4/5]" warnings on a flaky connection
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
     except ImportError:
         pass
 

@@ -1,247 +1,26 @@
-"""An exported causal LM on ONNX Runtime: session, tokenizer, manifest and the KV cache.
+"""An exported causal LM on ONNX Runtime: the session and its forward pass.
 
-The cache never round-trips through freshly allocated arrays. On the lean graph (CPU) it is one
-set of NumPy buffers with room for the tokens to come: each step binds its present outputs to
-them and the attention writes the new keys/values in place (`CausalLM.kv_in_place`). Other
-graphs, and the GPU, hand ORT's present tensors (OrtValues) back as the next step's past through
-IO binding. Either way `KVCache.select` (the fork primitive EPIC's lookahead is built on) is a
-single gather per tensor.
+`CausalLM.forward` binds the cache (runtime/cache.py) as past and present: on the lean graph (CPU)
+the attention writes the new keys/values into the room of the buffers it reads, elsewhere ORT's
+present tensors (OrtValues) become the next past through IO binding. Logits land in NumPy buffers
+of ours, never in ORT's arena.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from ..errors import ModelLoadError, NumericalError
+from .cache import BufferWrites, KVBuffers, KVCache, _BoundBuffers, cache_buffers
+from .graph import GraphSpec
 from .manifest import MANIFEST_NAME, Manifest, read_manifest
 from .providers import device_of, resolve_providers
-
-_ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-# Model metadata of graphs whose attention writes the new keys/values into the past buffers
-# themselves when the present outputs are bound to them (ORT's GroupQueryAttention): the cache
-# is then one set of buffers, appended in place, instead of a new concatenated copy per step.
-KV_CACHE_KEY, KV_CACHE_SHARED = "epic_ort.kv_cache", "shared_buffer"
-
-
-@dataclass(frozen=True)
-class GraphSpec:
-    """What the runtime needs to know about the graph's inputs and outputs, read from the graph."""
-
-    input_ids: str
-    attention_mask: str | None
-    position_ids: str | None
-    past_names: tuple[str, ...]
-    present_names: tuple[str, ...]
-    logits: str
-    logits_index: str | None  # lean graphs: which positions get logits (flat row * T + position)
-    logits_to_keep: str | None  # lean graphs exported before logits_index: trailing positions with logits
-    tree_mask: str | None  # lean graphs only: which keys each new token sees (token trees for EPIC)
-    shared_kv: bool  # lean graphs only: past and present may be one buffer, written in place
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int | None
-    kv_dtype: Any
-    logits_dtype: Any
-
-    @classmethod
-    def from_session(cls, session: Any) -> "GraphSpec":
-        inputs = {i.name: i for i in session.get_inputs()}
-        outputs = {o.name: o for o in session.get_outputs()}
-        if "input_ids" not in inputs or "logits" not in outputs:
-            raise ModelLoadError("model.onnx has no input_ids/logits: not a causal LM export")
-        past = tuple(sorted((n for n in inputs if n.startswith("past_key_values.")), key=_kv_order))
-        present = tuple(sorted((n for n in outputs if n.startswith("present.")), key=_kv_order))
-        if not past or len(past) != len(present):
-            raise ModelLoadError(
-                "model.onnx has no KV-cache inputs/outputs; export with task text-generation-with-past "
-                "(`epic-ort export` does this)"
-            )
-        shape = inputs[past[0]].shape
-        heads, head_dim = shape[1], shape[3]
-        if not isinstance(heads, int) or not isinstance(head_dim, int):
-            raise ModelLoadError(f"cannot read KV heads/head size from the graph (past shape {shape})")
-        vocab = outputs["logits"].shape[-1]
-        return cls(
-            input_ids="input_ids",
-            attention_mask="attention_mask" if "attention_mask" in inputs else None,
-            position_ids="position_ids" if "position_ids" in inputs else None,
-            past_names=past,
-            present_names=present,
-            logits="logits",
-            logits_index="logits_index" if "logits_index" in inputs else None,
-            logits_to_keep="logits_to_keep" if "logits_to_keep" in inputs else None,
-            tree_mask="tree_mask" if "tree_mask" in inputs else None,
-            shared_kv=session.get_modelmeta().custom_metadata_map.get(KV_CACHE_KEY) == KV_CACHE_SHARED,
-            num_layers=len(past) // 2,
-            num_kv_heads=heads,
-            head_dim=head_dim,
-            vocab_size=vocab if isinstance(vocab, int) else None,
-            kv_dtype=_ORT_FLOAT.get(inputs[past[0]].type, np.float32),
-            logits_dtype=_ORT_FLOAT.get(outputs["logits"].type, np.float32),
-        )
-
-
-def _kv_order(name: str) -> tuple[int, int]:
-    parts = name.split(".")
-    return int(parts[-2]), 0 if parts[-1] == "key" else 1
-
-
-@dataclass
-class BufferWrites:
-    """How far a set of cache buffers has been written, shared by all caches on those buffers,
-    and whether what lies past a cache's length is scratch (EPIC's token trees) or a real
-    continuation of it."""
-
-    end: int
-    scratch: bool = False
-
-
-@dataclass
-class KVCache:
-    """Past keys/values of a batch of rows, all padded on the left to the same length.
-
-    `attention_mask` [rows, length] marks real tokens; `next_position` [rows] is the position id
-    the next token of each row gets. `values` are [rows, kv_heads, capacity, head_dim] with
-    capacity >= length: on graphs that write the cache in place (`CausalLM.kv_in_place`) the slots
-    after `length` are room for the next tokens, so appending copies nothing. A cache's own slots
-    are never written. Continuing a cache a second time (a fork: its room already holds another
-    continuation) copies it first, so no continuation is overwritten; scratch may be.
-    """
-
-    values: list[Any]  # OrtValues (or NumPy arrays) [rows, kv_heads, capacity, head_dim]
-    attention_mask: np.ndarray
-    next_position: np.ndarray
-    writes: BufferWrites | None = None  # NumPy buffers with room (in-place graphs) only
-    bound: "_BoundBuffers | None" = field(default=None, repr=False, compare=False)
-
-    @property
-    def room_is_free(self) -> bool:
-        """Nothing continues this cache in its room yet (true too of tensors that have no room of
-        ours: appending to them copies anyway), so appending need not fork it."""
-        w = self.writes
-        return w is None or w.end <= self.length or w.scratch
-
-    @property
-    def rows(self) -> int:
-        return int(self.attention_mask.shape[0])
-
-    @property
-    def length(self) -> int:
-        return int(self.attention_mask.shape[1])
-
-    @property
-    def capacity(self) -> int:
-        v = self.values[0]
-        return int(v.shape[2] if isinstance(v, np.ndarray) else v.shape()[2])
-
-    def tensors(self) -> list[np.ndarray]:
-        """The filled part of each cache tensor, [rows, kv_heads, length, head_dim] (views on the CPU)."""
-        return [as_numpy(v)[:, :, : self.length] for v in self.values]
-
-    def select(self, rows: Sequence[int] | np.ndarray, room: int | None = None) -> "KVCache":
-        """Gather (and repeat) rows into new tensors: one gather per tensor, whatever the number
-        of rows. The copy keeps the room this cache has, or gets `room` free slots. Used for the
-        fork that tiles a prefix to many lookahead rows, and to share one prefill among samples."""
-        idx = np.asarray(rows, dtype=np.int64)
-        capacity = self.capacity if room is None else self.length + room
-        if capacity == self.length == self.capacity:
-            values, writes = [_take_rows(v, idx) for v in self.values], None
-        else:
-            values, writes = _gather_slots(self.values, idx, self.length, capacity), BufferWrites(self.length)
-        return KVCache(values=values, attention_mask=self.attention_mask[idx], next_position=self.next_position[idx],
-                       writes=writes)
-
-    def compacted(self, rows: Sequence[int] | np.ndarray) -> "KVCache":
-        """Rows `rows` (ascending), moved to the front of this cache's own buffers: how the decoding
-        loop drops finished rows without a second copy of the cache. This cache is used up."""
-        idx = np.asarray(rows, dtype=np.int64)
-        if not all(isinstance(v, np.ndarray) for v in self.values) or (idx.size and np.any(np.diff(idx) <= 0)):
-            return self.select(idx)
-        n = self.length
-        for v in self.values:
-            for dst, src in enumerate(idx.tolist()):
-                if dst != src:
-                    v[dst, :, :n] = v[src, :, :n]
-        return KVCache(values=[v[: idx.size] for v in self.values], attention_mask=self.attention_mask[idx],
-                       next_position=self.next_position[idx], writes=self.writes)
-
-    def reserve(self, extra: int, headroom: int = 0, used: int | None = None) -> "KVCache":
-        """Make room for `extra` more tokens after the first `used` slots (default: the length):
-        if there is too little, this cache moves to new NumPy buffers with room for
-        extra + headroom, keeping those slots (a copy; caches that shared the old buffers keep
-        them). Everyone holding this cache then sees the room, e.g. a decoding loop whose cache
-        EPIC's lookahead grew for its trees (`used` then covers the tree so far). Returns the cache."""
-        used = self.length if used is None else used
-        if self.capacity < used + extra or self.writes is None:
-            self.values = _gather_slots(self.values, np.arange(self.rows), used, used + extra + headroom)
-            self.writes = BufferWrites(used, scratch=used > self.length)
-        return self
-
-    @staticmethod
-    def concat(caches: Sequence["KVCache"]) -> "KVCache":
-        """Stack rows of caches that have the same length (used to merge lookahead winners)."""
-        if len(caches) == 1:
-            return caches[0]
-        lengths = {c.length for c in caches}
-        if len(lengths) != 1:
-            raise ValueError(f"cannot concat caches of lengths {sorted(lengths)}")
-        parts = [c.tensors() for c in caches]
-        return KVCache(
-            values=[np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))],
-            attention_mask=np.concatenate([c.attention_mask for c in caches]),
-            next_position=np.concatenate([c.next_position for c in caches]),
-        )
-
-
-@dataclass
-class _BoundBuffers:
-    """An IO binding that has a cache's buffers bound as both past and present (in-place graphs).
-    The next step on the same buffers rebinds only the small per-call inputs: binding 2 x layers
-    tensors anew costs about as much as the sampling of a batch-1 step."""
-
-    binding: Any
-    values: list[np.ndarray]  # the arrays bound, in past_names order; keeps them alive
-
-    def holds(self, values: Sequence[Any]) -> bool:
-        return len(values) == len(self.values) and all(a is b for a, b in zip(values, self.values))
-
-
-def as_numpy(v: Any) -> np.ndarray:
-    """A cache tensor as a NumPy array (an OrtValue is copied to the host)."""
-    return v if isinstance(v, np.ndarray) else v.numpy()
-
-
-def _gather_slots(values: Sequence[Any], idx: np.ndarray, slots: int, capacity: int) -> list[np.ndarray]:
-    """Rows idx of each cache tensor, its first `slots` positions, in new buffers of `capacity`."""
-    first = as_numpy(values[0])
-    out = cache_buffers(len(values), (idx.size, first.shape[1], capacity, first.shape[3]), first.dtype)
-    for v, buf in zip(values, out):
-        np.take(as_numpy(v)[:, :, :slots], idx, axis=0, out=buf[:, :, :slots], mode="clip")
-    return out
-
-
-def cache_buffers(count: int, shape: tuple[int, ...], dtype: Any) -> list[np.ndarray]:
-    """`count` uninitialized cache tensors, carved out of one allocation. One large block goes
-    back to the OS when freed; dozens of few-MB arrays would stay in the C heap's free lists (a
-    decoding cache that grew once would keep its old size in RSS for good)."""
-    block = np.empty((count, *shape), dtype=dtype)
-    return list(block)
-
-
-def _take_rows(v: Any, idx: np.ndarray) -> Any:
-    """Rows idx of one cache tensor. The identity keeps the tensor as it is (an OrtValue stays
-    where it lives, on the GPU too); anything else gathers on the host (zero-copy view on CPU)."""
-    rows = v.shape[0] if isinstance(v, np.ndarray) else v.shape()[0]
-    if idx.size == rows and np.array_equal(idx, np.arange(rows)):
-        return v
-    return np.take(as_numpy(v), idx, axis=0)
+from .tokenizer import ModelTokenizer
 
 
 def default_session_options(threads: int | None = None) -> Any:
@@ -294,7 +73,7 @@ class CausalLM:
             ) from None
         self.spec = GraphSpec.from_session(self.session)
         self._check_manifest()
-        self.tokenizer = _load_tokenizer(self.model_dir)
+        self.tokenizer = ModelTokenizer(self.model_dir, self.manifest.chat_template)
         self.eos_token_ids = tuple(int(t) for t in self.manifest.eos_token_ids)
         self.vocab_size = int(self.spec.vocab_size or self.manifest.vocab_size)
         self.max_positions = int(self.manifest.max_positions)
@@ -345,6 +124,14 @@ class CausalLM:
             next_position=np.zeros(rows, dtype=np.int64),
         )
 
+    def step_buffers(self, rows: int, max_length: int) -> KVBuffers | None:
+        """Destinations for plain decoding's present cache on graphs that cannot write in place
+        (CPU only), so ORT's arena does not keep every step's high-water mark; None where unneeded."""
+        if self.device != "cpu" or self.kv_in_place:
+            return None
+        elements = rows * self.spec.num_kv_heads * max_length * self.spec.head_dim
+        return KVBuffers(len(self.spec.present_names), elements, self.spec.kv_dtype)
+
     # -- forward ------------------------------------------------------------------------
 
     def forward(
@@ -365,11 +152,9 @@ class CausalLM:
         ids follow transformers' generate(): cumulative count of real tokens minus one, padding set
         to 1, unless `positions` [rows, T] gives them. `tree_mask` [rows, T, length + T] (bool)
         restricts which keys each new token sees (graphs with `supports_trees` only).
-        With `kv_in_place` the new keys/values go into the room after `cache.length` and the
-        result shares the buffers of `cache`. A cache without room for T first moves to bigger
-        buffers (with some to spare, so a decoding loop grows now and then, not every step); one
-        whose room holds another continuation already is copied first (a fork). `scratch`: the
-        tokens are a lookahead's, which the next continuation of `cache` may overwrite.
+        With `kv_in_place` the new keys/values go into the room after `cache.length`
+        (`KVCache.room_for_step`: grown or forked as needed) and the result shares its buffers.
+        `scratch`: the tokens are a lookahead's, which the next continuation of `cache` may overwrite.
         Otherwise `present_buffers` (flat arrays, one per cache tensor, from `KVBuffers`) receive
         the new cache instead of ORT's allocator (CPU only; a buffer too small is ignored).
         Logits are float32 [rows, V] (last position), [rows, T, V] with last_only=False, or
@@ -378,26 +163,42 @@ class CausalLM:
         """
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         rows, t = input_ids.shape
-        if input_mask is None:
-            input_mask = np.ones((rows, t), dtype=np.int64)
-        input_mask = np.asarray(input_mask, dtype=np.int64)
+        input_mask = np.ones((rows, t), dtype=np.int64) if input_mask is None else np.asarray(input_mask, np.int64)
         mask = np.concatenate([cache.attention_mask, input_mask], axis=1)
         if positions is None:
             positions = cache.next_position[:, None] + np.cumsum(input_mask, axis=1) - 1
             positions = np.where(input_mask == 0, 1, positions)
-        positions = positions.astype(np.int64)
         if tree_mask is not None and not self.spec.tree_mask:
             raise ValueError("this graph takes no tree_mask (export with --graph lean)")
         in_place = self.kv_in_place
         if in_place:
-            if cache.room_is_free:
-                cache.reserve(t, headroom=growth_headroom(cache.length, t))
-            else:
-                cache = cache.select(np.arange(rows), room=t + growth_headroom(cache.length, t))
-            cache.writes.end, cache.writes.scratch = cache.length + t, scratch  # type: ignore[union-attr]
-
+            cache = cache.room_for_step(t, scratch)
         reuse = in_place and cache.bound is not None and cache.bound.holds(cache.values)
         binding = cache.bound.binding if reuse else self.session.io_binding()  # type: ignore[union-attr]
+        self._bind_step_inputs(binding, input_ids, mask, positions.astype(np.int64), tree_mask)
+        wanted = _wanted_logits(rows, t, last_only, logits_at)
+        logits_out = self._bind_logits(binding, rows, t, wanted, logits_at)
+        if not reuse:
+            past = cache.values if in_place or cache.capacity == cache.length else cache.tensors()
+            _bind_past(binding, self.spec.past_names, past)
+        views = self._bind_present(binding, cache, rows, t, in_place, reuse, present_buffers)
+        self.session.run_with_iobinding(binding)
+        self.calls.add(rows, rows * t)
+        # every output in a buffer of ours (the usual CPU case): no OrtValue wrappers to make
+        outputs = binding.get_outputs() if logits_out is None or any(v is None for v in views) else [None] * (1 + len(views))
+        logits = self._shape_logits(outputs[0].numpy() if logits_out is None else logits_out, rows, t, wanted,
+                                    logits_at, last_only)
+        new_cache = KVCache(
+            values=[v if v is not None else o for v, o in zip(views, outputs[1:])],
+            attention_mask=mask,
+            next_position=cache.next_position + input_mask.sum(axis=1),
+            writes=cache.writes if in_place else None,
+            bound=_BoundBuffers(binding, list(cache.values)) if in_place else None,
+        )
+        return logits, new_cache
+
+    def _bind_step_inputs(self, binding: Any, input_ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
+                          tree_mask: np.ndarray | None) -> None:
         binding.bind_cpu_input(self.spec.input_ids, input_ids)
         if self.spec.attention_mask:
             binding.bind_cpu_input(self.spec.attention_mask, np.ascontiguousarray(mask))
@@ -406,35 +207,33 @@ class CausalLM:
         if self.spec.tree_mask:
             tree = _NO_TREE if tree_mask is None else np.ascontiguousarray(tree_mask, dtype=bool)
             binding.bind_cpu_input(self.spec.tree_mask, tree)
-        wanted = None  # flat (row * T + position) indices of the logits asked for, or None for all
-        if logits_at is not None:
-            wanted = np.asarray(logits_at[0], dtype=np.int64) * t + np.asarray(logits_at[1], dtype=np.int64)
-        elif last_only:
-            wanted = np.arange(rows, dtype=np.int64) * t + (t - 1)
+
+    def _bind_logits(self, binding: Any, rows: int, t: int, wanted: np.ndarray | None,
+                     logits_at: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray | None:
+        """Bind the positions that reach the lm_head and the logits output (into a NumPy buffer of
+        ours on the CPU: ORT's arena would keep the largest logits ever made, EPIC's trees' ~100 MB,
+        for the rest of the session). Returns that buffer, or None where ORT allocates."""
         if self.spec.logits_index:
             index = np.arange(rows * t, dtype=np.int64) if wanted is None else wanted
             binding.bind_cpu_input(self.spec.logits_index, np.ascontiguousarray(index))
-            logits_shape = [index.size, self.vocab_size]
+            shape = [index.size, self.vocab_size]
         elif self.spec.logits_to_keep:  # lean exports before logits_index
             keep = 1 if wanted is not None and logits_at is None else 0
             binding.bind_cpu_input(self.spec.logits_to_keep, np.array([keep], dtype=np.int64))
-            logits_shape = [rows, keep or t, self.vocab_size]
+            shape = [rows, keep or t, self.vocab_size]
         else:
-            logits_shape = [rows, t, self.vocab_size]
-        past_values = cache.values if in_place or cache.capacity == cache.length else cache.tensors()
-        for name, value in zip(self.spec.past_names, [] if reuse else past_values):
-            if isinstance(value, np.ndarray):
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
-            else:
-                binding.bind_ortvalue_input(name, value)
-        logits_out = None
+            shape = [rows, t, self.vocab_size]
         if self.device == "cpu" and self.spec.vocab_size:
-            # a NumPy buffer, not ORT's arena: the arena would keep the largest logits ever made
-            # (EPIC's trees: up to ~100 MB) for the rest of the session
-            logits_out = np.empty(logits_shape, dtype=self.spec.logits_dtype)
-            binding.bind_output(self.spec.logits, "cpu", 0, logits_out.dtype, logits_shape, logits_out.ctypes.data)
-        else:
-            binding.bind_output(self.spec.logits, "cpu")
+            out = np.empty(shape, dtype=self.spec.logits_dtype)
+            binding.bind_output(self.spec.logits, "cpu", 0, out.dtype, shape, out.ctypes.data)
+            return out
+        binding.bind_output(self.spec.logits, "cpu")
+        return None
+
+    def _bind_present(self, binding: Any, cache: KVCache, rows: int, t: int, in_place: bool, reuse: bool,
+                      present_buffers: Sequence[np.ndarray] | None) -> list[np.ndarray | None]:
+        """Bind each present output: to its past buffer (in place), to a preallocated buffer, or to
+        ORT (None in the list: read it from the binding's outputs)."""
         shape = (rows, self.spec.num_kv_heads, cache.length + t, self.spec.head_dim)
         size = int(np.prod(shape))
         views: list[np.ndarray | None] = []
@@ -452,11 +251,10 @@ class CausalLM:
             else:
                 binding.bind_output(name, self.device)
                 views.append(None)
-        self.session.run_with_iobinding(binding)
-        self.calls.add(rows, rows * t)
-        # every output in a buffer of ours (the usual CPU case): no OrtValue wrappers to make
-        outputs = binding.get_outputs() if logits_out is None or any(v is None for v in views) else [None] * (1 + len(views))
-        logits = outputs[0].numpy() if logits_out is None else logits_out
+        return views
+
+    def _shape_logits(self, logits: np.ndarray, rows: int, t: int, wanted: np.ndarray | None,
+                      logits_at: tuple[np.ndarray, np.ndarray] | None, last_only: bool) -> np.ndarray:
         if self.spec.logits_index:
             if wanted is None:
                 logits = logits.reshape(rows, t, -1)
@@ -467,14 +265,7 @@ class CausalLM:
         if logits.dtype != np.float32:
             logits = logits.astype(np.float32)
         check_finite(logits)
-        new_cache = KVCache(
-            values=[v if v is not None else o for v, o in zip(views, outputs[1:])],
-            attention_mask=mask,
-            next_position=cache.next_position + input_mask.sum(axis=1),
-            writes=cache.writes if in_place else None,
-            bound=_BoundBuffers(binding, list(cache.values)) if in_place else None,
-        )
-        return logits, new_cache
+        return logits
 
     @property
     def supports_trees(self) -> bool:
@@ -496,56 +287,40 @@ class CausalLM:
     # -- text ---------------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+        return self.tokenizer.encode(text, add_special_tokens)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return self.tokenizer.decode(ids, skip_special_tokens)
 
-    def apply_chat_template(self, user_message: str) -> str:
-        template = self.manifest.chat_template
-        if not template:
-            raise ModelLoadError(f"{self.model_dir} has no chat template; drop --chat")
-        import jinja2
+    def apply_chat_template(self, messages: str | Sequence[dict[str, Any]]) -> str:
+        """The chat template rendered for `messages` (a string: one user message), generation prompt
+        included; tokenize it with `encode(..., add_special_tokens=False)`, or use `encode_chat`."""
+        return self.tokenizer.render_chat(messages)
 
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-        return env.from_string(template).render(
-            messages=[{"role": "user", "content": user_message}],
-            add_generation_prompt=True,
-            bos_token="",
-            eos_token="",
-        )
-
-
-class KVBuffers:
-    """Two preallocated sets of cache tensors, used in turn as the destination of each decoding
-    step's new cache (the previous step's cache, its input, lives in the other set).
-
-    ORT would otherwise allocate every step's present cache from its arena, which keeps the
-    high-water mark of tensors that grow by one position per step: at 8 rows x 640 positions of
-    SmolLM2 that slack is ~240 MB. Capacity is rows x max_length; pages are only touched as the
-    cache fills. Whoever passes a set must not still need the cache that set held two steps ago
-    (the plain decoding loop never does; EPIC's lookahead does not use them)."""
-
-    def __init__(self, model: "CausalLM", rows: int, max_length: int):
-        size = rows * model.spec.num_kv_heads * max_length * model.spec.head_dim
-        n = len(model.spec.present_names)
-        self._sets = [cache_buffers(n, (size,), model.spec.kv_dtype) for _ in range(2)]
-        self._turn = 0
-
-    def next(self) -> list[np.ndarray]:
-        self._turn ^= 1
-        return self._sets[self._turn]
-
-
-def growth_headroom(length: int, need: int) -> int:
-    """Room to add, beyond the `need` slots a step takes, when an in-place cache runs out: a
-    quarter of its length (geometric growth, so a cache grown step by step is copied O(log n)
-    times) and at least `need` again. Not a fixed number of slots: a fork of 1,000 short rows
-    would pay for it 1,000 times."""
-    return max(need, length // 4)
+    def encode_chat(self, messages: str | Sequence[dict[str, Any]]) -> list[int]:
+        """Token ids of the chat prompt, as transformers' apply_chat_template(tokenize=True) gives them."""
+        return self.tokenizer.encode_chat(messages)
 
 
 _NO_TREE = np.ones((1, 1, 1), dtype=bool)  # broadcast: padding and causality alone
+
+
+def _wanted_logits(rows: int, t: int, last_only: bool, logits_at: tuple[np.ndarray, np.ndarray] | None
+                   ) -> np.ndarray | None:
+    """Flat (row * T + position) indices of the logits asked for, or None for all."""
+    if logits_at is not None:
+        return np.asarray(logits_at[0], dtype=np.int64) * t + np.asarray(logits_at[1], dtype=np.int64)
+    if last_only:
+        return np.arange(rows, dtype=np.int64) * t + (t - 1)
+    return None
+
+
+def _bind_past(binding: Any, names: Sequence[str], values: Sequence[Any]) -> None:
+    for name, value in zip(names, values):
+        if isinstance(value, np.ndarray):
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        else:
+            binding.bind_ortvalue_input(name, value)
 
 
 def check_finite(logits: np.ndarray) -> None:
@@ -589,18 +364,6 @@ def left_pad(token_rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.n
             ids[i, width - len(row):] = row
             mask[i, width - len(row):] = 1
     return ids, mask
-
-
-def _load_tokenizer(model_dir: Path) -> Any:
-    from tokenizers import Tokenizer
-
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        raise ModelLoadError(f"{path} is missing; re-export with `epic-ort export --force`")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:
-        raise ModelLoadError(f"{path} is corrupt ({str(e)[:120]}); re-export with `epic-ort export --force`") from None
 
 
 class _CallCounter:

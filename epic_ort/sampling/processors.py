@@ -21,8 +21,9 @@ Conventions shared by every processor:
   `epic_ort.sampling.sample.greedy`). The number of kept tokens with each value is the same as in
   transformers; only the choice among equal logits at the cut can differ.
 
-The module also holds the small row-wise helpers (`log_softmax`, `softmax`, `entropy`) used across
-the project; they compute in float64 so that long vocabularies do not lose low-probability mass.
+Each processor is one small object with `apply(scores, history)`; `ProcessorList` composes them in
+order. Which processors a configuration gets, and in which order, is declared once, in
+`epic_ort.settings.GenerationConfig` (the field of each setting names its processor).
 """
 
 from __future__ import annotations
@@ -32,177 +33,19 @@ import numbers
 
 import numpy as np
 
+from .kernels import _float_dtype, log_softmax64, softmax64
+
 __all__ = [
+    "LogitsProcessor",
     "TemperatureProcessor",
     "TopKProcessor",
     "TopPProcessor",
     "MinPProcessor",
     "TypicalProcessor",
     "ProcessorList",
-    "build_processors",
-    "log_softmax",
-    "softmax",
-    "entropy",
 ]
 
 _NEG_INF = -np.inf
-
-
-# ---------------------------------------------------------------------------------------------
-# row-wise helpers
-# ---------------------------------------------------------------------------------------------
-
-
-def _float_dtype(scores: np.ndarray) -> np.dtype:
-    """float32 for float16/float32/integer input, float64 for float64: the helpers' output type."""
-    return np.result_type(scores.dtype, np.float32)
-
-
-def _log_softmax64(scores: np.ndarray) -> np.ndarray:
-    """log_softmax over the last axis in float64.
-
-    The row max is subtracted first so that huge logits (1e30) do not overflow. A row with no finite
-    entry would give `-inf - -inf = NaN`, so its max is replaced by 0 and its log-normaliser by 0,
-    which leaves every entry at `-inf`.
-    """
-    x = np.asarray(scores, dtype=np.float64)
-    m = np.max(x, axis=-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    shifted = x - m
-    total = np.sum(np.exp(shifted), axis=-1, keepdims=True)
-    with np.errstate(divide="ignore"):
-        lse = np.where(total > 0, np.log(np.where(total > 0, total, 1.0)), 0.0)
-    return shifted - lse
-
-
-def _softmax64(scores: np.ndarray) -> np.ndarray:
-    """softmax over the last axis in float64; rows with no finite entry give all zeros."""
-    x = np.asarray(scores, dtype=np.float64)
-    m = np.max(x, axis=-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    e = np.exp(x - m)
-    total = np.sum(e, axis=-1, keepdims=True)
-    return e / np.where(total > 0, total, 1.0)
-
-
-def log_softmax(scores: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax over the last axis.
-
-    Computed in float64 with max-subtraction (stable for logits like 1e30) and returned as float32
-    (float64 for float64 input). `-inf` stays `-inf`; a row that is entirely `-inf` stays entirely
-    `-inf` instead of turning into NaN.
-    """
-    scores = np.asarray(scores)
-    return _log_softmax64(scores).astype(_float_dtype(scores), copy=False)
-
-
-def softmax(scores: np.ndarray) -> np.ndarray:
-    """Row-wise softmax over the last axis.
-
-    Computed in float64 (stable for huge logits) and returned as float32 (float64 for float64
-    input). `-inf` entries get probability exactly 0; a row that is entirely `-inf` has no
-    distribution and comes back as all zeros rather than NaN.
-    """
-    scores = np.asarray(scores)
-    return _softmax64(scores).astype(_float_dtype(scores), copy=False)
-
-
-def entropy(scores: np.ndarray) -> np.ndarray:
-    """Shannon entropy, in nats, of the softmax of each row of logits: shape `scores.shape[:-1]`.
-
-    Terms with probability 0 contribute 0 (the limit of p·log p), so banned (`-inf`) tokens do not
-    produce NaN; a row with a single finite entry has entropy exactly 0.0, and so, by the same
-    convention, does a row that is entirely `-inf`. Returned as float64.
-    """
-    logp = _log_softmax64(np.asarray(scores))
-    p = np.exp(logp)
-    terms = np.where(p > 0, logp, 0.0) * p
-    return -np.sum(terms, axis=-1)
-
-
-def entropy_and_draws(scores: np.ndarray, uniforms: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """`entropy(scores)` per row and, for each row's uniforms [rows, m], m inverse-CDF draws from
-    softmax(scores) (as `sample.inverse_cdf`: the first token whose cumulative mass exceeds u).
-
-    EPIC's lookahead needs both for every rollout row at every depth, and its rollout uniforms are
-    fixed in advance, so one float32 exp pass serves both and the softmax is never materialized:
-    H = log Z − Σ e·s / Z with s = x − max, e = exp(s), Z = Σ e, and the draws search the float64
-    running sum of e for u·Z. A candidate's R rollouts share one running sum. Float32 with pairwise
-    sums keeps H within ~1e-6 nats of the float64 value. Banned (`-inf`) entries get e = 0: they
-    contribute 0 and are never drawn.
-    """
-    return _exp_pass(scores, uniforms, want_entropy=True)  # type: ignore[return-value]
-
-
-def draws_from_scores(scores: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
-    """The draws of `entropy_and_draws` alone ([rows, m]), for plain sampling: no entropy pass."""
-    return _exp_pass(scores, uniforms, want_entropy=False)[1]  # type: ignore[return-value]
-
-
-def _exp_pass(scores: np.ndarray, uniforms: np.ndarray | None, want_entropy: bool
-              ) -> tuple[np.ndarray | None, np.ndarray | None]:
-    x = np.asarray(scores)
-    if len(x) > _ROWS_PER_PASS:  # bound the float32 temporaries (a wide token tree has ~1,000 rows)
-        cut = range(0, len(x), _ROWS_PER_PASS)
-        parts = [_exp_pass(x[i : i + _ROWS_PER_PASS], None if uniforms is None else uniforms[i : i + _ROWS_PER_PASS],
-                           want_entropy) for i in cut]
-        h = np.concatenate([p[0] for p in parts]) if want_entropy else None  # type: ignore[misc]
-        return h, None if uniforms is None else np.concatenate([p[1] for p in parts])  # type: ignore[misc]
-    x = np.asarray(x, dtype=np.float32)
-    m = np.max(x, axis=-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, np.float32(0.0))
-    s = np.subtract(x, m)
-    h = None
-    if not want_entropy:  # the draws need e alone: exponentiate in place
-        e = np.exp(s, out=s)
-    else:
-        np.maximum(s, np.float32(-200.0), out=s)  # exp(-200) is 0 in float32, and 0 * -200 is 0, not NaN
-        e = np.exp(s)
-        # float32 pairwise sums (numpy's reduction along a contiguous axis): ~1e-7 relative, half the
-        # time of float64 accumulation
-        z = np.add.reduce(e, axis=-1).astype(np.float64)
-        z = np.where(z > 0, z, 1.0)
-        es = np.multiply(e, s, out=s)  # s is not needed after this
-        h = np.maximum(np.log(z) - np.add.reduce(es, axis=-1).astype(np.float64) / z, 0.0)
-    if uniforms is None:
-        return h, None
-    u = np.asarray(uniforms, dtype=np.float64).reshape(len(x), -1)
-    draws = _search_mass(e, u)
-    rows = np.repeat(np.arange(len(x)), u.shape[1]).reshape(u.shape)
-    bad = e[rows, draws] == 0  # rounding at the top end: never a zero-probability token
-    if bad.any():
-        draws[bad] = np.argmax(e, axis=-1)[rows[bad]]
-    return h, draws
-
-
-_BLOCK = 1024
-_ROWS_PER_PASS = 4  # rows per exp pass: their float32 temporaries stay in the L2 cache (70 rows: 5.9 → 4.9 ms)
-
-
-def _search_mass(e: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """For each row of weights e [rows, V] and each u in u[row]: the first index whose float64
-    running sum exceeds u · (total), i.e. searchsorted(cumsum(e), u·total, side="right").
-
-    The running sum is taken over blocks of _BLOCK first, then within the one block each draw lands
-    in, so the full [rows, V] float64 cumsum (the largest pass of the lookahead) is never built."""
-    rows, vocab = e.shape
-    nblocks = -(-vocab // _BLOCK)
-    if nblocks * _BLOCK != vocab:
-        e = np.concatenate([e, np.zeros((rows, nblocks * _BLOCK - vocab), dtype=e.dtype)], axis=1)
-    blocked = e.reshape(rows, nblocks, _BLOCK)
-    block_sums = blocked.sum(axis=-1)  # float32 pairwise: ~1e-7 relative
-    block_cdf = np.cumsum(block_sums, axis=-1, dtype=np.float64)
-    # all draws of all rows at once: the block of each target, then the running sum within it
-    targets = u * block_cdf[:, -1:]  # [rows, m]
-    blocks = np.minimum((block_cdf[:, None, :] <= targets[:, :, None]).sum(axis=-1), nblocks - 1).ravel()
-    owner = np.repeat(np.arange(rows), u.shape[1])
-    start = np.where(blocks > 0, block_cdf[owner, np.maximum(blocks - 1, 0)], 0.0)
-    inner = start[:, None] + np.cumsum(blocked[owner, blocks], axis=1, dtype=np.float64)
-    # min: a target past the block's float64 running sum (within rounding of its float32 block
-    # sum) stays in the block it was assigned to
-    within = np.minimum((inner <= targets.ravel()[:, None]).sum(axis=1), _BLOCK - 1)
-    draws = (blocks * _BLOCK + within).reshape(u.shape)
-    return np.minimum(draws, vocab - 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +95,19 @@ def _descending_order(x: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-class TemperatureProcessor:
+class LogitsProcessor:
+    """One transformation of a batch of logits. `history` [rows, t] holds each row's generated
+    tokens (None: none yet), for processors that look at them."""
+
+    def apply(self, scores: np.ndarray, history: np.ndarray | None = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """transformers' calling convention, (input_ids, scores)."""
+        return self.apply(scores, input_ids)
+
+
+class TemperatureProcessor(LogitsProcessor):
     """Divide the logits by `temperature` (transformers' `TemperatureLogitsWarper`).
 
     `temperature` must be a finite number > 0: 0 would be greedy decoding, which callers must
@@ -266,7 +121,7 @@ class TemperatureProcessor:
             raise ValueError(f"temperature has to be a strictly positive finite float, but is {temperature}")
         self.temperature = t
 
-    def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    def apply(self, scores: np.ndarray, history: np.ndarray | None = None) -> np.ndarray:
         scores = _as_scores(scores)
         # torch divides a float32 tensor by the scalar in float32; do the same.
         return scores / np.asarray(self.temperature, dtype=scores.dtype)
@@ -275,7 +130,7 @@ class TemperatureProcessor:
         return f"TemperatureProcessor(temperature={self.temperature})"
 
 
-class TopKProcessor:
+class TopKProcessor(LogitsProcessor):
     """Keep the `max(top_k, min_tokens_to_keep)` highest logits (transformers' `TopKLogitsWarper`).
 
     Ties with the k-th largest logit are all kept (the test is `score < kth_value`), so a row can
@@ -289,7 +144,7 @@ class TopKProcessor:
         self.min_tokens_to_keep = _check_min_tokens(min_tokens_to_keep)
         self.top_k = 0 if top_k == 0 else max(int(top_k), self.min_tokens_to_keep)
 
-    def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    def apply(self, scores: np.ndarray, history: np.ndarray | None = None) -> np.ndarray:
         scores = _as_scores(scores)
         v = scores.shape[-1]
         if self.top_k == 0 or v == 0:
@@ -303,7 +158,7 @@ class TopKProcessor:
         return f"TopKProcessor(top_k={self.top_k}, min_tokens_to_keep={self.min_tokens_to_keep})"
 
 
-class TopPProcessor:
+class TopPProcessor(LogitsProcessor):
     """Nucleus filtering (transformers' `TopPLogitsWarper`).
 
     transformers sorts *ascending*, takes the float32 cumulative probability from the least likely
@@ -314,7 +169,7 @@ class TopPProcessor:
 
     * with `top_p == 1.0` the processor is *not* an identity: tokens whose float32 probability
       underflows to 0 have cumulative probability 0 `<= 0` and are removed
-      (`build_processors` skips `top_p == 1.0`, as `generate` does);
+      (`GenerationConfig.processors` skips `top_p == 1.0`, as `generate` does);
     * the cumulative sum is done in float64 and rounded to float32, as torch's CPU `cumsum` does,
       and compared with `float32(1 - top_p)` (float64 throughout for float64 logits).
 
@@ -328,7 +183,7 @@ class TopPProcessor:
         self.top_p = p
         self.min_tokens_to_keep = _check_min_tokens(min_tokens_to_keep)
 
-    def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    def apply(self, scores: np.ndarray, history: np.ndarray | None = None) -> np.ndarray:
         scores = _as_scores(scores)
         if scores.shape[-1] == 0:
             return scores.copy()
@@ -339,7 +194,7 @@ class TopPProcessor:
         # logits equal to `cut` as the prefix spared, taken lowest token id first.
         sorted_logits = np.sort(scores, axis=-1)
         dt = _float_dtype(scores)  # float32 like torch for float32 logits
-        probs = _softmax64(sorted_logits).astype(dt)
+        probs = softmax64(sorted_logits).astype(dt)
         cumulative = np.cumsum(probs, axis=-1, dtype=np.float64).astype(dt)
         n_remove = np.sum(cumulative <= dt.type(1.0 - self.top_p), axis=-1, keepdims=True)
         n_remove = np.minimum(n_remove, max(v - self.min_tokens_to_keep, 0))
@@ -359,7 +214,7 @@ class TopPProcessor:
         return f"TopPProcessor(top_p={self.top_p}, min_tokens_to_keep={self.min_tokens_to_keep})"
 
 
-class MinPProcessor:
+class MinPProcessor(LogitsProcessor):
     """Min-p filtering (transformers' `MinPLogitsWarper`).
 
     A token is removed when its probability is below `min_p * max_probability` of its row, so the
@@ -375,12 +230,12 @@ class MinPProcessor:
         self.min_p = p
         self.min_tokens_to_keep = _check_min_tokens(min_tokens_to_keep)
 
-    def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    def apply(self, scores: np.ndarray, history: np.ndarray | None = None) -> np.ndarray:
         scores = _as_scores(scores)
         if scores.shape[-1] == 0:
             return scores.copy()
         dt = _float_dtype(scores)  # float32 like torch for float32 logits
-        probs = _softmax64(scores).astype(dt)
+        probs = softmax64(scores).astype(dt)
         threshold = dt.type(self.min_p) * np.max(probs, axis=-1, keepdims=True)
         remove = probs < threshold
         if self.min_tokens_to_keep > 1:
@@ -398,7 +253,7 @@ class MinPProcessor:
         return f"MinPProcessor(min_p={self.min_p}, min_tokens_to_keep={self.min_tokens_to_keep})"
 
 
-class TypicalProcessor:
+class TypicalProcessor(LogitsProcessor):
     """Locally typical sampling (transformers' `TypicalLogitsWarper`).
 
     Tokens are ranked by how far their surprisal `-log p` lies from the row's entropy
@@ -418,12 +273,12 @@ class TypicalProcessor:
         self.mass = m
         self.min_tokens_to_keep = _check_min_tokens(min_tokens_to_keep)
 
-    def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    def apply(self, scores: np.ndarray, history: np.ndarray | None = None) -> np.ndarray:
         scores = _as_scores(scores)
         v = scores.shape[-1]
         if self.mass >= 1.0 or v == 0:
             return scores.copy()
-        logp = _log_softmax64(scores)
+        logp = log_softmax64(scores)
         p = np.exp(logp)
         ent = -np.sum(np.where(p > 0, logp, 0.0) * p, axis=-1, keepdims=True)
         shifted = np.abs(-logp - ent)  # -inf logits give +inf: ranked last, never a threshold
@@ -455,48 +310,13 @@ class TypicalProcessor:
 
 
 class ProcessorList(list):
-    """A list of processors applied in order, like transformers' `LogitsProcessorList`.
+    """Processors applied in order, like transformers' `LogitsProcessorList`. Empty, `apply` hands
+    the scores back as they are (no copy): callers never write to them."""
 
-    An empty list returns a copy of the scores, so callers can rely on never sharing the input.
-    """
-
-    def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        if not len(self):
-            return _as_scores(scores).copy()
+    def apply(self, scores: np.ndarray, history: np.ndarray | None = None) -> np.ndarray:
         for processor in self:
-            scores = processor(input_ids, scores)
+            scores = processor.apply(scores, history)
         return scores
 
-
-def build_processors(
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    typical_p: float = 1.0,
-) -> ProcessorList:
-    """The sampling warpers for a configuration, in the order `transformers.generate` applies them.
-
-    transformers 4.57 (`GenerationMixin._get_logits_processor`, sampling branch) appends:
-    temperature -> top-k -> top-p -> min-p -> typical (then epsilon/eta, not supported here).
-    Min-p deliberately comes after temperature (llama.cpp convention). The order matters: top-k and
-    top-p see the temperature-scaled distribution, and each later filter renormalises over what the
-    earlier ones kept.
-
-    Identity settings are skipped, as `generate` does: temperature 1.0, top_k 0, top_p 1.0,
-    min_p 0.0 and typical_p 1.0. (Skipping top_p 1.0 also avoids `TopPProcessor`'s removal of
-    underflowed tokens; generate appends min-p even for 0.0, which removes nothing.)
-    `min_tokens_to_keep` is 1, as in non-beam sampling. Invalid values raise `ValueError`.
-    """
-    processors = ProcessorList()
-    if float(temperature) != 1.0:
-        processors.append(TemperatureProcessor(temperature))
-    if top_k != 0:
-        processors.append(TopKProcessor(top_k))
-    if float(top_p) != 1.0:
-        processors.append(TopPProcessor(top_p))
-    if float(min_p) != 0.0:
-        processors.append(MinPProcessor(min_p))
-    if float(typical_p) != 1.0:
-        processors.append(TypicalProcessor(typical_p))
-    return processors
+    def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        return self.apply(scores, input_ids)

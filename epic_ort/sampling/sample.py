@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .processors import draws_from_scores
+from .kernels import draws_from_scores
 
 
 def sample_rng(seed: int, prompt_index: int, sample_index: int) -> np.random.Generator:
@@ -24,19 +24,10 @@ def greedy(scores: np.ndarray) -> np.ndarray:
     return np.argmax(scores, axis=-1).astype(np.int64)
 
 
-def probs_from_scores(scores: np.ndarray) -> np.ndarray:
-    """Softmax in float64 so that inverse-CDF sampling does not lose low-probability tokens."""
-    x = scores.astype(np.float64)
-    m = np.max(x, axis=-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    p = np.exp(x - m)
-    return p / p.sum(axis=-1, keepdims=True)
-
-
 def sample_categorical(scores: np.ndarray, rngs: Sequence[np.random.Generator]) -> np.ndarray:
     """One draw per row from softmax(scores) by inverse CDF: one uniform from each row's stream.
     The draw is `processors.draws_from_scores` (float32 weights, float64 running sums over blocks
-    of tokens, as EPIC's rollouts draw), which equals `inverse_cdf(probs_from_scores(scores), u)` up to a u on a rounding
+    of tokens, as EPIC's rollouts draw), which equals `inverse_cdf(kernels.softmax64(scores), u)` up to a u on a rounding
     boundary, at a quarter of the time: at batch 8 the float64 softmax and cumsum were ~10% of a
     decoding step."""
     u = np.array([rng.random() for rng in rngs], dtype=np.float64)

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..runtime.model import CausalLM, left_pad
-from ..sampling.processors import entropy, log_softmax
+from ..sampling.kernels import entropy, log_softmax
 
 # Teacher-forced logits are [rows, T, V] float32; keep one forward's logits under this many bytes
 # (a 49k vocabulary at 256 positions is ~50 MB a row).

@@ -1,0 +1,125 @@
+"""Writing an ONNX graph by hand: nodes, initializers, the shape of every tensor, and saving.
+
+Nothing here knows about transformers or about a model's layout; the builders of the lean
+graph (prelude.py, layers.py) call `GraphBuilder.op` for each node they add.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+OPSET = 23  # RMSNormalization and RotaryEmbedding are standard ops from opset 23 on
+MS_DOMAIN = "com.microsoft"
+# Above this many bytes of weights they go to `<name>.data` beside the graph: protobuf refuses
+# messages over 2 GB. Read at save time, so a test can lower it.
+MAX_PROTO_BYTES = 1_800_000_000
+
+# Symbolic dimensions of the graph's inputs and outputs (what ORT's shape errors and the
+# runtime's IO binding see).
+BATCH, SEQ, CAPACITY = "batch_size", "sequence_length", "capacity"
+TOTAL = "past_length + sequence_length"
+LOGITS = "logits_count"
+PRESENT = "present_length"
+
+
+class GraphBuilder:
+    """Nodes, initializers and the type/shape of every intermediate tensor. The shapes go into
+    value_info: onnx's shape inference stops at com.microsoft ops, and ORT's quantizer needs the
+    element type of every MatMul output."""
+
+    def __init__(self) -> None:
+        from onnx import helper
+
+        self.helper = helper
+        self.nodes: list[Any] = []
+        self.weights: list[tuple[str, np.ndarray]] = []
+        self.value_info: list[Any] = []
+        self._shared: set[str] = set()
+
+    def const(self, name: str, value: Any, dtype: Any = None) -> str:
+        """An initializer; returns its name."""
+        self.weights.append((name, np.ascontiguousarray(np.asarray(value, dtype=dtype))))
+        return name
+
+    def shared_const(self, name: str, value: Any, dtype: Any = np.int64) -> str:
+        """An initializer several nodes read, written on first use only: ONNX Runtime warns on
+        stderr about an initializer no node reads, so constants that only some graphs need
+        (the 4-bit products') must not be written up front."""
+        if name not in self._shared:
+            self._shared.add(name)
+            self.const(name, value, dtype)
+        return name
+
+    def op(self, op_type: str, name: str, inputs: list[str], shapes: list[Any], outputs: list[str] | None = None,
+           dtype: int = 1, domain: str = "", **attrs: Any) -> Any:
+        """One node called `name`; `shapes` lists each output's shape (None: optional output left out),
+        `dtype` their element type. Returns the output name, or the list of them."""
+        outs = outputs or [f"{name}/out{i}" for i in range(len(shapes))]
+        outs = [o if shape is not None else "" for o, shape in zip(outs, shapes)]
+        self.nodes.append(self.helper.make_node(op_type, inputs, outs, name=name, domain=domain or None, **attrs))
+        for o, shape in zip(outs, shapes):
+            if o and shape is not None:
+                self.value_info.append(self.helper.make_tensor_value_info(o, dtype, shape))
+        return outs[0] if len(outs) == 1 else outs
+
+    def model(self, name: str, inputs: list[Any], outputs: list[Any], opset: int, metadata: dict[str, str]) -> Any:
+        """The ModelProto of the nodes so far (initializers are attached by `save`)."""
+        helper = self.helper
+        io_names = {v.name for v in inputs + outputs}
+        graph = helper.make_graph(self.nodes, name, inputs, outputs,
+                                  value_info=[v for v in self.value_info if v.name not in io_names])
+        model = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, 1)],
+            producer_name="epic_ort.export.lean",
+        )
+        helper.set_model_props(model, metadata)
+        return model
+
+
+def save(model: Any, weights: list[tuple[str, np.ndarray]], path: Path) -> None:
+    """Attach the initializers and write the file; over MAX_PROTO_BYTES of weights they go to one
+    external data file beside it (aligned, as onnx's own external-data writer does)."""
+    import onnx
+    from onnx import numpy_helper
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    total = sum(a.nbytes for _, a in weights)
+    data_name = path.name + ".data"
+    data_path = path.with_name(data_name)
+    if total <= MAX_PROTO_BYTES:
+        if data_path.exists():
+            data_path.unlink()
+        model.graph.initializer.extend(numpy_helper.from_array(a, name) for name, a in weights)
+        onnx.save_model(model, str(path))
+        return
+    offset = 0
+    with open(data_path, "wb") as f:
+        for name, a in weights:
+            if a.nbytes < 1024:
+                model.graph.initializer.append(numpy_helper.from_array(a, name))
+                continue
+            pad = (-offset) % 4096
+            f.write(b"\0" * pad)
+            offset += pad
+            model.graph.initializer.append(_external_tensor(name, a, data_name, offset))
+            f.write(a.tobytes())
+            offset += a.nbytes
+        f.flush()
+        os.fsync(f.fileno())
+    onnx.save_model(model, str(path))
+
+
+def _external_tensor(name: str, a: np.ndarray, location: str, offset: int) -> Any:
+    import onnx
+
+    t = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(a.dtype), dims=a.shape)
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(a.nbytes))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    return t
