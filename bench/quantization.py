@@ -24,7 +24,7 @@ import numpy as np
 
 import epic_ort
 from epic_ort.calibration.corpus import load_corpus, sample_positions
-from epic_ort.evaluation.metrics import score_continuations
+from epic_ort.scoring import score_continuations
 
 
 def perplexity(model, corpus, positions, tokens):

@@ -12,6 +12,7 @@ from .errors import (
     ModelLoadError,
     NumericalError,
 )
+from .calibration.store import resolve_alpha
 from .decoding import Sample, generate
 from .settings import GenerationConfig
 from .runtime.model import CausalLM, KVCache, load
@@ -31,4 +32,5 @@ __all__ = [
     "Sample",
     "generate",
     "load",
+    "resolve_alpha",
 ]

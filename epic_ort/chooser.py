@@ -1,9 +1,9 @@
 """How a decode loop and a token chooser talk: the rows, one step's answer, and the chooser protocol.
 
 These types sit below both the decode loop (`decoding.py`, later a serving scheduler) and the
-choosers (`PlainChooser` here, EPIC's in `epic/`), so neither imports the other. The loop owns the
-rows and the cache; each step it hands the chooser the rows still running, their logits, the
-processed scores and the cache, and gets back one token per row. Rows may join and leave between
+choosers (`PlainChooser` and `MirostatChooser` here, EPIC's in `epic/`), so neither imports the
+other. The loop owns the rows and the cache; each step it hands the chooser the rows still running,
+their logits, the processed scores and the cache, and gets back one token per row. Rows may join and leave between
 steps: whatever a chooser remembers about a row lives on the row (`Row.chooser_state`), not in the
 chooser.
 """
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import numpy as np
 
+from .sampling.mirostat import initial_mu, mirostat_v2_step
 from .sampling.sample import greedy, sample_categorical
 
 if TYPE_CHECKING:
@@ -74,3 +75,38 @@ class PlainChooser:
         if self.greedy:
             return StepResult(greedy(scores))
         return StepResult(sample_categorical(scores, [r.rng for r in rows]))
+
+
+@dataclass
+class MirostatState:
+    """What mirostat remembers about one sample: its controller's truncation level `mu` (bits)."""
+
+    mu: float
+
+
+class MirostatChooser:
+    """Mirostat v2 (`sampling/mirostat.py`): each row truncates its processed scores at its own `mu`,
+    draws one token with one uniform from its own stream (as `PlainChooser` does, so a sample's
+    tokens do not depend on its batch), and updates `mu` toward the target surprise `tau`."""
+
+    scratch_positions = 0
+
+    def __init__(self, tau: float, eta: float):
+        if not (tau > 0 and eta > 0):
+            raise ValueError(f"mirostat needs tau > 0 and eta > 0, not tau={tau}, eta={eta}")
+        self.tau = float(tau)
+        self.eta = float(eta)
+
+    def _state(self, row: Row) -> MirostatState:
+        if not isinstance(row.chooser_state, MirostatState):
+            row.chooser_state = MirostatState(initial_mu(self.tau))
+        return row.chooser_state
+
+    def choose(self, model: "CausalLM", rows: Sequence[Row], logits: np.ndarray, scores: np.ndarray,
+               cache: "KVCache") -> StepResult:
+        states = [self._state(r) for r in rows]
+        u = np.array([r.rng.random() for r in rows], dtype=np.float64)
+        step = mirostat_v2_step(scores, np.array([s.mu for s in states]), u, self.tau, self.eta)
+        for state, mu in zip(states, step.mu.tolist()):
+            state.mu = mu
+        return StepResult(step.tokens)

@@ -22,7 +22,7 @@ from .runtime.cache import KVBuffers, KVCache
 from .runtime.model import CausalLM
 from .sampling.processors import ProcessorList
 from .sampling.sample import sample_rng
-from .settings import GenerationConfig, resolve_alpha
+from .settings import AUTO, GenerationConfig
 
 __all__ = ["GenerationConfig", "Sample", "encode_prompts", "generate", "make_chooser"]
 
@@ -79,11 +79,16 @@ def resolve_seed(seed: int | None) -> int:
 
 
 def make_chooser(config: GenerationConfig) -> TokenChooser:
-    """The chooser a (resolved) configuration asks for: plain or greedy, or EPIC when alpha != 0."""
+    """The chooser a (resolved) configuration asks for: plain or greedy, mirostat when mirostat_tau > 0,
+    or EPIC when alpha != 0 (`GenerationConfig.validate` refuses mirostat with greedy or EPIC)."""
+    if config.uses_mirostat:
+        from .chooser import MirostatChooser
+
+        return MirostatChooser(config.mirostat_tau, config.mirostat_eta)
     if not config.uses_epic:
         return PlainChooser(config.greedy)
     if not isinstance(config.alpha, float):
-        raise InvalidRequestError("alpha 'auto' must be resolved first (settings.resolve_alpha)")
+        raise InvalidRequestError("alpha 'auto' must be resolved first: epic_ort.resolve_alpha(model, config)")
     from .epic.chooser import EpicChooser
 
     return EpicChooser(alpha=config.alpha, horizon=config.horizon, rollouts=config.rollouts,
@@ -101,12 +106,14 @@ def generate(
     chat: bool = False,
     chooser: TokenChooser | None = None,
     on_token: OnToken | None = None,
+    prompt_indices: Sequence[int] | None = None,
 ) -> Iterator[Sample]:
     """Decode every prompt `num_samples` times; yield each sample as soon as it finishes.
 
     With the same `config.seed`, a sample's tokens depend only on its prompt and its
-    (prompt_index, sample_index), not on the batch size. `config.alpha == "auto"` is resolved from
-    the model's calibration (calibrating first when there is none).
+    (prompt_index, sample_index), not on the batch size. `prompt_indices` gives each prompt's
+    prompt_index (default 0, 1, ...): a run resumed on the prompts still missing keeps their random
+    streams. alpha "auto" must be resolved first (`epic_ort.resolve_alpha`).
     """
     config = config or GenerationConfig()
     config.validate()
@@ -116,12 +123,19 @@ def generate(
         if prompts is None:
             raise InvalidRequestError("give prompts or prompt_ids")
         prompt_ids = encode_prompts(model, prompts, chat, config.truncate)
-    config = replace(resolve_alpha(model, config), seed=resolve_seed(config.seed))
+    if config.alpha == AUTO:
+        raise InvalidRequestError("alpha 'auto' must be resolved first: config = epic_ort.resolve_alpha(model, config) "
+                                  "(it calibrates once when the model folder has no calibration)")
+    config = replace(config, seed=resolve_seed(config.seed))
     chooser = chooser or make_chooser(config)
     processors = config.processors()
-    jobs = [(p, s) for p in range(len(prompt_ids)) for s in range(num_samples)]
+    indices = list(range(len(prompt_ids))) if prompt_indices is None else [int(i) for i in prompt_indices]
+    if len(indices) != len(prompt_ids):
+        raise InvalidRequestError(f"{len(prompt_ids)} prompts but {len(indices)} prompt_indices")
+    jobs = [(j, s) for j in range(len(prompt_ids)) for s in range(num_samples)]
     for start in range(0, len(jobs), batch_size):
-        rows = [Row(p, s, list(prompt_ids[p]), sample_rng(config.seed, p, s)) for p, s in jobs[start:start + batch_size]]
+        rows = [Row(indices[j], s, list(prompt_ids[j]), sample_rng(config.seed, indices[j], s))
+                for j, s in jobs[start:start + batch_size]]
         yield from _decode_batch(model, rows, config, processors, chooser, on_token)
 
 

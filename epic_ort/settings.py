@@ -4,18 +4,22 @@ Each field carries its default, type, range and help, and for a logits processor
 and the value at which it is skipped. Everything that takes settings from outside reads this table:
 the CLI's options (`cli/options.py`), the keys of a JSONL request (`requests.py`), the method specs of
 `evaluate` (`evaluation/methods.py`) and the HTTP fields of the server. Adding a sampler is one processor
-class plus one field here; the field's position is where its processor runs in the chain (transformers'
-order: temperature, top-k, top-p, min-p, typical).
+class plus one field here; the field's position is where its processor runs in the chain: transformers'
+order (temperature, top-k, top-p, min-p, typical, epsilon, eta), with llama.cpp's top-nσ ahead of the
+other cuts as in llama.cpp's default chain (it does not depend on the temperature, so before or after
+it is the same). Mirostat is not a processor but a token chooser (`chooser.MirostatChooser`) that
+samples from the processed scores.
 
-`alpha` is a number or "auto" (calibrated on real text); `resolve_alpha` is the one place that
-turns "auto" into a number.
+`alpha` is a number or "auto" (calibrated on real text); `epic_ort.resolve_alpha`
+(calibration/store.py) is the one place that turns "auto" into a number, at the edges (CLI, evaluate,
+the server), above the decode loop: calibrating means decoding.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import MISSING, Field, dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 from .errors import InvalidRequestError
 from .sampling.processors import (
@@ -27,9 +31,7 @@ from .sampling.processors import (
     TopPProcessor,
     TypicalProcessor,
 )
-
-if TYPE_CHECKING:
-    from .runtime.model import CausalLM
+from .sampling.truncation import EpsilonProcessor, EtaProcessor, TopNSigmaProcessor
 
 AUTO = "auto"
 Alpha = float | Literal["auto"]
@@ -66,6 +68,9 @@ class GenerationConfig:
     temperature: float = setting(1.0, "float", "Divide the logits by this (transformers' temperature warper).",
                                  low=0, low_open=True, processor=TemperatureProcessor, identity=1.0,
                                  method="temperature")
+    top_n_sigma: float = setting(0.0, "float", "Top-nσ: keep the logits within n standard deviations of the largest; "
+                                 "the same cut at any temperature (0: off).", low=0, processor=TopNSigmaProcessor,
+                                 identity=0.0, method="top-n-sigma")
     top_k: int = setting(0, "int", "Keep the k most likely tokens (0: all).", low=0, processor=TopKProcessor,
                          identity=0, method="top-k")
     top_p: float = setting(1.0, "float", "Nucleus: keep the most likely tokens holding this mass.", low=0, high=1,
@@ -75,6 +80,17 @@ class GenerationConfig:
     typical_p: float = setting(1.0, "float", "Locally typical sampling: keep this mass of the most typical tokens.",
                                low=0, high=1, low_open=True, processor=TypicalProcessor, identity=1.0,
                                method="typical-p")
+    epsilon_cutoff: float = setting(0.0, "float", "ε-sampling: drop tokens less likely than this probability, e.g. "
+                                    "3e-4 (0: off).", low=0, high=1, high_open=True, processor=EpsilonProcessor,
+                                    identity=0.0, method="epsilon")
+    eta_cutoff: float = setting(0.0, "float", "η-sampling: drop tokens below min(eta, sqrt(eta)·exp(-entropy)), a "
+                                "cut that loosens when the model is unsure, e.g. 9e-4 (0: off).", low=0, high=1,
+                                high_open=True, processor=EtaProcessor, identity=0.0, method="eta")
+    mirostat_tau: float = setting(0.0, "float", "Mirostat v2: hold the surprise near this many bits per token by "
+                                  "adapting the cut each step (llama.cpp's default 5.0; 0: off).", low=0,
+                                  method="mirostat")
+    mirostat_eta: float = setting(0.1, "float", "Mirostat v2: learning rate of its surprise controller.", low=0,
+                                  low_open=True, method="mirostat-eta")
     stop: tuple[str, ...] = setting((), "strings", "Stop string (repeatable); the text ends before it. EOS always stops.")
     seed: int | None = setting(None, "optional-int", "Random seed: the same seed gives the same tokens.")
     alpha: Alpha = setting(0.0, "alpha", "EPIC strength: a number, or 'auto' (calibrated on real text). 0: plain "
@@ -90,10 +106,19 @@ class GenerationConfig:
             check_value(f.name, spec, getattr(self, f.name))
         if not self.greedy and not self.temperature > 0:
             raise InvalidRequestError("temperature must be > 0 (use greedy for argmax decoding)")
+        if self.mirostat_tau > 0 and self.greedy:
+            raise InvalidRequestError("mirostat samples: it cannot be combined with greedy (drop one of them)")
+        if self.mirostat_tau > 0 and self.alpha != 0:
+            raise InvalidRequestError("mirostat and EPIC (alpha != 0) both choose the token: set alpha 0 or "
+                                      "mirostat_tau 0")
 
     @property
     def uses_epic(self) -> bool:
         return not self.greedy and self.alpha != 0
+
+    @property
+    def uses_mirostat(self) -> bool:
+        return not self.greedy and self.mirostat_tau > 0
 
     def processors(self) -> ProcessorList:
         """The logits processors of this configuration, in declaration order (none for greedy)."""
@@ -201,18 +226,6 @@ def describe_range(spec: SettingSpec) -> str:
 
 def _num(x: float | None) -> str:
     return f"{x:g}"
-
-
-def resolve_alpha(model: "CausalLM", config: GenerationConfig, *, show_progress: bool | None = None
-                  ) -> GenerationConfig:
-    """`config` with alpha "auto" replaced by the model's calibrated alpha (calibrating first, once,
-    when the model folder has no calibration); any other config as it is."""
-    if config.alpha != AUTO:
-        return config
-    from .calibration.store import resolve_auto_alpha
-
-    alpha = resolve_auto_alpha(model, config.horizon, config.rollouts, show_progress=show_progress)
-    return replace(config, alpha=alpha)
 
 
 def method_settings() -> dict[str, tuple[str, SettingSpec]]:

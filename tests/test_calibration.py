@@ -7,14 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from epic_ort.calibration.calibrate import (
-    CalibrationSettings,
-    calibrate,
-    expected_entropy,
-    fit_alpha,
-    stratified_candidates,
-)
-from epic_ort.calibration.store import read_calibration, resolve_auto_alpha
+from epic_ort.calibration.calibrate import expected_entropy, fit_alpha, stratified_candidates
+from epic_ort.calibration.store import read_calibration, resolve_auto_alpha, resolve_auto_temperature
+from epic_ort.calibration.targets import calibrate
 from epic_ort.errors import CalibrationError
 
 
@@ -63,25 +58,34 @@ def _tiny_corpus(tmp_path):
     return f
 
 
-def test_calibrate_reproducible_and_written(tiny_exports, tmp_path):
+def _model_copy(tiny_exports, tmp_path):
     import shutil
 
     import epic_ort
 
     d = tmp_path / "model"
     shutil.copytree(tiny_exports["llama"]["onnx"], d)
-    model = epic_ort.load(d, provider="cpu")
+    return d, epic_ort.load(d, provider="cpu")
+
+
+LOOKAHEAD = dict(horizon=2, rollouts=1, contexts=24, context_tokens=16, seed=3)
+ENTCE = dict(horizon=2, rollouts=1, contexts=12, context_tokens=16, new_tokens=12, passes=2, seed=3)
+
+
+def test_calibrate_reproducible_and_written(tiny_exports, tmp_path):
+    d, model = _model_copy(tiny_exports, tmp_path)
     corpus = _tiny_corpus(tmp_path)
-    s = CalibrationSettings(horizon=2, rollouts=1, contexts=24, context_tokens=16, seed=3, bootstrap=100)
-    a = calibrate(model, [corpus], s, show_progress=False)
-    b = calibrate(model, [corpus], s, write=False, show_progress=False)
+    a = calibrate(model, [corpus], "lookahead", show_progress=False, **LOOKAHEAD)
+    b = calibrate(model, [corpus], "lookahead", write=False, show_progress=False, **LOOKAHEAD)
     assert a["alpha"] == b["alpha"]
     assert a["alpha_se"] > 0
     assert abs(a["model_entropy"] - a["data_entropy"]) < 1e-3 or a["alpha_clipped"]
     on_disk = read_calibration(d)
-    assert on_disk["alpha"] == a["alpha"] and on_disk["corpus"][0]["sha256"]
+    assert on_disk["alpha"] == a["alpha"] and on_disk["corpus"][0]["sha256"] and on_disk["target"] == "lookahead"
     assert not list(d.glob(".*tmp"))
     assert resolve_auto_alpha(model, 2, 1) == a["alpha"]
+    with pytest.raises(CalibrationError, match="temperature"):
+        resolve_auto_temperature(model, 2, 1)  # the lookahead target fits no temperature
     with pytest.raises(CalibrationError, match="horizon 2, rollouts 1"):
         resolve_auto_alpha(model, 3, 1)
     data = json.loads((d / "epic_calibration.json").read_text())
@@ -92,3 +96,75 @@ def test_calibrate_reproducible_and_written(tiny_exports, tmp_path):
     (d / "epic_calibration.json").write_text("{not json")
     with pytest.raises(CalibrationError, match="corrupt"):
         resolve_auto_alpha(model, 2, 1)
+
+
+def test_entce_calibration_is_deterministic_and_an_old_file_is_replaced(tiny_exports, tmp_path, capsys):
+    d, model = _model_copy(tiny_exports, tmp_path)
+    corpus = _tiny_corpus(tmp_path)
+    a = calibrate(model, [corpus], "entce", write=False, show_progress=False, **ENTCE)
+    b = calibrate(model, [corpus], "entce", write=False, show_progress=False, **ENTCE)
+    assert (a["alpha"], a["temperature"]) == (b["alpha"], b["temperature"])
+    c = calibrate(model, [corpus], "entce", write=False, show_progress=False, **{**ENTCE, "seed": 4})
+    assert (c["alpha"], c["temperature"]) != (a["alpha"], a["temperature"])  # the seed matters
+    # a random model's plain samples surprise it far less than real words do: no alpha reaches that,
+    # and the result says so; a hotter temperature moves towards it
+    assert a["human_log_loss"] > a["epic_last_pass_surprisal"] and a["alpha_clipped"]
+    assert a["temperature"] > 1
+    # a file of an older epic-ort (format 1) is recalibrated with a one-line message, not used
+    (d / "epic_calibration.json").write_text(json.dumps({"format": "epic-ort-calibration/1", "alpha": 9.0,
+                                                         "alpha_se": 0.1, "horizon": 4, "rollouts": 2,
+                                                         "model_sha256": model.manifest.model_sha256}))
+    import epic_ort.calibration.store as store
+
+    real = store.calibrate
+    store.calibrate = lambda m, paths, target, **kw: real(m, [corpus], target, **{**kw, **ENTCE, "write": True})
+    try:
+        alpha = resolve_auto_alpha(model, 2, 1, show_progress=False)
+    finally:
+        store.calibrate = real
+    err = capsys.readouterr().err
+    assert "older epic-ort" in err and "recalibrating" in err
+    assert alpha == a["alpha"] and read_calibration(d)["format"] == "epic-ort-calibration/2"
+
+
+def _surprisal(model, contexts, config, batch=16):
+    from epic_ort import scoring
+    from epic_ort.decoding import generate
+
+    samples = list(generate(model, prompt_ids=contexts, config=config, batch_size=batch))
+    scored = scoring.score_continuations(model, [contexts[s.prompt_index] for s in samples],
+                                         [s.token_ids for s in samples])
+    per = np.array([nll.mean() for _, nll in scored])
+    return per.mean(), per.std(ddof=1) / np.sqrt(per.size)
+
+
+@pytest.mark.parametrize("knob,true_value", [("alpha", -1.5), ("temperature", 1.6)])
+def test_closed_loop_moves_generations_to_the_target(tiny_exports, tmp_path, knob, true_value):
+    """The target is the surprisal rate of the tiny model's own generations at a known knob value
+    (a reachable target: a random model's log loss on real text is not). Fitted on some contexts and
+    seeds, the knob brings generations from other contexts and fresh seeds closer to the target than
+    plain sampling's, by more than the sampling error."""
+    import epic_ort
+    from epic_ort.calibration.closed_loop import ClosedLoopSettings, fit_knob
+    from epic_ort.calibration.corpus import context_at, load_corpus, sample_positions
+    from epic_ort.settings import GenerationConfig
+
+    model = epic_ort.load(tiny_exports["llama"]["onnx"], provider="cpu")
+    corpus = load_corpus(model, [_tiny_corpus(tmp_path)])
+    positions = sample_positions(corpus, 72, 12, 16, 5)
+    contexts = [context_at(corpus, int(p), 12) for p in positions]
+    fit_ctx, held_ctx = contexts[:24], contexts[24:]
+    lookahead = dict(horizon=2, rollouts=1)
+    at = lambda value, seed: GenerationConfig(max_new_tokens=16, seed=seed, **lookahead, **{knob: value})  # noqa: E731
+    target, _ = _surprisal(model, fit_ctx, at(true_value, 11))
+    fit = ClosedLoopSettings(contexts=24, new_tokens=16, passes=3, seed=1, **lookahead)
+    result = fit_knob(model, fit_ctx, target, knob, fit, show_progress=False)
+    held_target, _ = _surprisal(model, held_ctx, at(true_value, 12))
+    s0, se0 = _surprisal(model, held_ctx, GenerationConfig(max_new_tokens=16, seed=13))
+    s1, se1 = _surprisal(model, held_ctx, at(result[knob], 13))
+    gap0, gap1 = abs(s0 - held_target), abs(s1 - held_target)
+    print(f"{knob}: fitted {result[knob]:.3f} (true {true_value}), target {held_target:.3f}, plain {s0:.3f} ± {se0:.3f},"
+          f" fitted {s1:.3f} ± {se1:.3f}")
+    assert gap0 > 3 * se0  # plain sampling is off target, so there is something to correct
+    assert gap1 < gap0 - 2 * np.hypot(se0, se1)
+    assert np.sign(result[knob] - (0.0 if knob == "alpha" else 1.0)) == np.sign(true_value - (0.0 if knob == "alpha" else 1.0))

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from epic_ort.evaluation import metrics
+from epic_ort import scoring
+from epic_ort.evaluation import diversity, metrics
 from epic_ort.evaluation import DEFAULT_METHODS, evaluate, format_table, parse_method, parse_methods
 from epic_ort.errors import InvalidRequestError
 from epic_ort.sampling.kernels import entropy, log_softmax
@@ -35,8 +36,8 @@ def test_entropy_along_matches_prefix_by_prefix(tiny_llama):
     prompt = tiny_llama.encode("the cat sat on")
     cont = tiny_llama.encode(" the mat.", add_special_tokens=False)
     ref_h, ref_nll = _reference(tiny_llama, prompt, cont)
-    h = metrics.entropy_along(tiny_llama, prompt, cont)
-    h2, nll = metrics.entropy_and_logloss(tiny_llama, prompt, cont)
+    h = scoring.entropy_along(tiny_llama, prompt, cont)
+    h2, nll = scoring.entropy_and_logloss(tiny_llama, prompt, cont)
     assert h.shape == (len(cont),)
     np.testing.assert_allclose(h, ref_h, atol=1e-4)
     np.testing.assert_allclose(h2, ref_h, atol=1e-4)
@@ -47,7 +48,7 @@ def test_batched_scoring_with_padding_matches_single_rows(tiny_llama):
     rows = [("the dog", " ran far"), ("a", " bird sang!"), ("it was a good day", "?"), ("we go", "")]
     prompts = [tiny_llama.encode(p) for p, _ in rows]
     conts = [tiny_llama.encode(c, add_special_tokens=False) for _, c in rows]
-    batched = metrics.score_continuations(tiny_llama, prompts, conts, batch_size=3)
+    batched = scoring.score_continuations(tiny_llama, prompts, conts, batch_size=3)
     for p, c, (h, nll) in zip(prompts, conts, batched):
         ref_h, ref_nll = _reference(tiny_llama, p, c)
         assert h.shape == nll.shape == (len(c),)
@@ -57,18 +58,18 @@ def test_batched_scoring_with_padding_matches_single_rows(tiny_llama):
 
 def test_distinct_n_and_repeated_ngrams_by_hand():
     s = [1, 2, 1, 2, 1, 2]
-    assert metrics.distinct_n([s], 2) == pytest.approx(2 / 5)  # (1,2) (2,1) among 5
-    assert metrics.distinct_n([s], 3) == pytest.approx(2 / 4)  # (1,2,1) (2,1,2) among 4
-    assert metrics.repeated_ngram_fraction([s], 4) == pytest.approx(1 / 3)  # (1,2,1,2) again at the 3rd
+    assert diversity.distinct_n([s], 2) == pytest.approx(2 / 5)  # (1,2) (2,1) among 5
+    assert diversity.distinct_n([s], 3) == pytest.approx(2 / 4)  # (1,2,1) (2,1,2) among 4
+    assert diversity.repeated_ngram_fraction([s], 4) == pytest.approx(1 / 3)  # (1,2,1,2) again at the 3rd
     # pooled over samples: the second sample's bigrams are all seen in the first
-    assert metrics.distinct_n([[1, 2, 3], [1, 2, 3]], 2) == pytest.approx(2 / 4)
-    assert metrics.distinct_n([[1, 2, 3, 4, 5]], 2) == 1.0
+    assert diversity.distinct_n([[1, 2, 3], [1, 2, 3]], 2) == pytest.approx(2 / 4)
+    assert diversity.distinct_n([[1, 2, 3, 4, 5]], 2) == 1.0
     # rep-4 is within a sample, averaged over samples that have a 4-gram
-    assert metrics.repeated_ngram_fraction([[1, 2, 3, 4, 5], [7, 7, 7, 7, 7, 7], [1, 2]], 4) == pytest.approx(
+    assert diversity.repeated_ngram_fraction([[1, 2, 3, 4, 5], [7, 7, 7, 7, 7, 7], [1, 2]], 4) == pytest.approx(
         (0 + 2 / 3) / 2
     )
-    assert np.isnan(metrics.distinct_n([[1]], 2))
-    assert np.isnan(metrics.repeated_ngram_fraction([[1, 2, 3]], 4))
+    assert np.isnan(diversity.distinct_n([[1]], 2))
+    assert np.isnan(diversity.repeated_ngram_fraction([[1, 2, 3]], 4))
 
 
 def test_entropy_rate_is_pooled_and_position_curve():
@@ -83,7 +84,7 @@ def test_entropy_rate_is_pooled_and_position_curve():
     assert metrics.position_curve([np.arange(3.0)], 3, 8)["mean"] == [0.0, 1.0, 2.0]
 
 
-def test_calibration_error_bootstrap():
+def test_rate_gap_bootstrap():
     rng = np.random.default_rng(1)
 
     def rows(n, shift):
@@ -92,7 +93,7 @@ def test_calibration_error_bootstrap():
     def run(n):
         human = rows(n, 0.0)
         method = [h + 0.3 + rng.normal(0, 0.5, size=20) for h in human]
-        return metrics.calibration_error(method, human, n_boot=2000, seed=0)
+        return metrics.rate_gap(method, human, n_boot=2000, seed=0)
 
     many, few = run(200), run(8)
     for ce in (many, few):
@@ -104,16 +105,16 @@ def test_calibration_error_bootstrap():
     # fixed seed: the same interval twice
     human = rows(10, 0.0)
     method = rows(10, 0.1)
-    a = metrics.calibration_error(method, human, n_boot=500, seed=3)
-    b = metrics.calibration_error(method, human, n_boot=500, seed=3)
+    a = metrics.rate_gap(method, human, n_boot=500, seed=3)
+    b = metrics.rate_gap(method, human, n_boot=500, seed=3)
     assert (a["lo"], a["hi"]) == (b["lo"], b["hi"])
     # identical texts: zero error, interval [0, 0]
-    same = metrics.calibration_error(human, human, n_boot=200, seed=0)
+    same = metrics.rate_gap(human, human, n_boot=200, seed=0)
     assert same["value"] == 0.0 and same["lo"] == 0.0 and same["hi"] == 0.0
     # no bootstrap: no interval
-    assert metrics.calibration_error(method, human, n_boot=0)["lo"] is None
+    assert metrics.rate_gap(method, human, n_boot=0)["lo"] is None
     with pytest.raises(ValueError):
-        metrics.calibration_error(method[:3], human, n_boot=10)
+        metrics.rate_gap(method[:3], human, n_boot=10)
 
 
 @pytest.mark.parametrize(
@@ -131,6 +132,7 @@ def test_calibration_error_bootstrap():
         ("epic=auto", "epic", {"alpha": "auto"}),
         ("epic=0.15", "epic=0.15", {"alpha": 0.15}),
         ("epic=-0.5", "epic=-0.5", {"alpha": -0.5}),
+        ("temperature=auto", "temperature=auto", {"temperature": "auto"}),
         ("temperature=0.7+top-k=50", "temperature=0.7+top-k=50", {"temperature": 0.7, "top_k": 50}),
     ],
 )
@@ -158,14 +160,21 @@ def test_parse_methods_lists():
         parse_methods(" , ")
 
 
-def test_evaluate_end_to_end(tiny_llama, tmp_path):
+def _corpus(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text((TEXT + "\n\n") * 6, encoding="utf-8")
+    return corpus
+
+
+EVAL = dict(prompts=4, max_new_tokens=16, prompt_tokens=16, seed=0, horizon=2, rollouts=1, batch_size=3, buckets=4,
+            n_boot=200, show_progress=False)
+
+
+def test_evaluate_end_to_end(tiny_llama, tmp_path):
+    corpus = _corpus(tmp_path)
     out = tmp_path / "eval"
     methods = ["ancestral", "top-k=5", "epic=0.5"]
-    report = evaluate(tiny_llama, [corpus], methods, prompts=4, max_new_tokens=16, prompt_tokens=16, seed=0,
-                      out_dir=out, horizon=2, rollouts=1, batch_size=3, buckets=4, n_boot=200,
-                      show_progress=False)
+    report = evaluate(tiny_llama, [corpus], methods, out_dir=out, **EVAL)
     for name in ("report.json", "report.md", "plot.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -182,7 +191,7 @@ def test_evaluate_end_to_end(tiny_llama, tmp_path):
     assert body[-1].startswith("| **human**")
     assert table in (out / "report.md").read_text()
 
-    # the human row is entropy_along over the human continuations, pooled
+    # the human row is the base model's teacher-forced entropies and log losses, pooled
     from epic_ort.calibration.corpus import context_at, load_corpus
 
     c = load_corpus(tiny_llama, [corpus])
@@ -190,28 +199,97 @@ def test_evaluate_end_to_end(tiny_llama, tmp_path):
     for p in report["positions"]:
         prompt = context_at(c, p, 16)
         cont = c.tokens[p : p + 16].tolist()
-        h, nll = metrics.entropy_and_logloss(tiny_llama, prompt, cont)
-        np.testing.assert_allclose(h, metrics.entropy_along(tiny_llama, prompt, cont))
+        h, nll = scoring.entropy_and_logloss(tiny_llama, prompt, cont)
+        np.testing.assert_allclose(h, scoring.entropy_along(tiny_llama, prompt, cont))
         hs.append(h)
         nlls.append(nll)
-    assert report["human"]["entropy_rate"] == pytest.approx(float(np.concatenate(hs).mean()), abs=1e-9)
-    assert report["human"]["log_loss"] == pytest.approx(float(np.concatenate(nlls).mean()), abs=1e-9)
+    assert report["human"]["entropy_rate"] == pytest.approx(float(np.concatenate(hs).mean()), abs=1e-6)
+    assert report["human"]["log_loss"] == pytest.approx(float(np.concatenate(nlls).mean()), abs=1e-6)
     assert report["human"]["mean_tokens"] == 16
 
     for m in report["methods"]:
-        ce = m["calibration_error"]
-        assert ce["value"] >= 0 and ce["lo"] >= 0 and ce["lo"] <= ce["value"] <= ce["hi"]
-        assert ce["value"] == pytest.approx(abs(m["entropy_rate"] - report["human"]["entropy_rate"]), abs=1e-9)
-        assert len(m["curve"]) == 4 and len(m["per_prompt_entropy"]) == 4
+        ent = m["entce"]
+        # EntCE: the method's own tokens' mean surprisal minus the human log loss, signed, CI around it
+        assert ent["diff"] == pytest.approx(m["surprisal_rate"] - report["human"]["log_loss"], abs=1e-9)
+        assert ent["value"] == pytest.approx(abs(ent["diff"])) and ent["diff_lo"] <= ent["diff"] <= ent["diff_hi"]
+        gap = m["entropy_gap"]
+        assert gap["diff"] == pytest.approx(m["entropy_rate"] - report["human"]["entropy_rate"], abs=1e-9)
+        assert len(m["surprisal_curve"]) == 4 and len(m["entropy_curve"]) == 4
         assert 0 < m["mean_tokens"] <= 16
-        assert 0 <= m["distinct_2"] <= 1
+        assert 0 <= m["distinct_2"] <= 1 and 0 <= m["self_bleu"] <= 1
+    assert sorted(m["entce_rank"] for m in report["methods"]) == [1, 2, 3]
 
-    # same seed, same figures
-    again = evaluate(tiny_llama, [corpus], methods, prompts=4, max_new_tokens=16, prompt_tokens=16, seed=0,
-                     out_dir=None, horizon=2, rollouts=1, batch_size=8, buckets=4, n_boot=200,
-                     show_progress=False)
-    assert [m["entropy_rate"] for m in again["methods"]] == pytest.approx(
-        [m["entropy_rate"] for m in report["methods"]], abs=1e-5)
+
+def test_surprisal_rate_is_the_mean_surprisal_of_the_generated_tokens(tiny_llama, tmp_path):
+    """Each method's surprisal rate, recomputed from its stored tokens by teacher forcing."""
+    out = tmp_path / "eval"
+    report = evaluate(tiny_llama, [_corpus(tmp_path)], ["top-k=5"], out_dir=out, **EVAL)
+    (gen,) = [p for p in (out / "generations").glob("top-k=5.*.jsonl")]
+    lines = [json.loads(line) for line in gen.read_text().splitlines()[1:]]
+    from epic_ort.calibration.corpus import context_at, load_corpus
+
+    c = load_corpus(tiny_llama, [_corpus(tmp_path)])
+    nlls = [scoring.entropy_and_logloss(tiny_llama, context_at(c, report["positions"][o["index"]], 16), o["tokens"])[1]
+            for o in lines]
+    assert report["methods"][0]["surprisal_rate"] == pytest.approx(float(np.concatenate(nlls).mean()), abs=1e-5)
+
+
+def test_evaluate_resumes_and_reuses(tiny_llama, tmp_path, monkeypatch):
+    """An interrupted run resumes where it stopped and ends as an uninterrupted one; a rerun reuses
+    every generation and score (no model call at all)."""
+    corpus = _corpus(tmp_path)
+    full = evaluate(tiny_llama, [corpus], ["ancestral", "epic=0.5"], out_dir=tmp_path / "full", **EVAL)
+    part = tmp_path / "part"
+    evaluate(tiny_llama, [corpus], ["ancestral", "epic=0.5"], out_dir=part, **EVAL)
+    for f in (part / "generations").glob("*.jsonl"):  # as if killed: two passages done, a line cut off
+        lines = f.read_text().splitlines()
+        f.write_text("\n".join(lines[:3]) + "\n" + lines[3][: len(lines[3]) // 2])
+    resumed = evaluate(tiny_llama, [corpus], ["ancestral", "epic=0.5"], out_dir=part, **EVAL)
+    for a, b in zip(full["methods"], resumed["methods"]):
+        assert a["surprisal_rate"] == pytest.approx(b["surprisal_rate"], abs=1e-6)
+        assert a["distinct_3"] == b["distinct_3"]
+    calls = tiny_llama.calls.calls
+    again = evaluate(tiny_llama, [corpus], ["ancestral", "epic=0.5"], out_dir=part, **EVAL)
+    assert tiny_llama.calls.calls == calls
+    assert [m["surprisal_rate"] for m in again["methods"]] == [m["surprisal_rate"] for m in resumed["methods"]]
+    other = evaluate(tiny_llama, [corpus], ["ancestral"], out_dir=part, **{**EVAL, "max_new_tokens": 12})
+    assert tiny_llama.calls.calls > calls  # other settings never read the stored lines
+    assert other["methods"][0]["mean_tokens"] <= 12
+
+
+def test_judge_scores_every_row(tiny_llama, tiny_exports, tmp_path):
+    import epic_ort
+    from epic_ort.evaluation.judge import Judge
+
+    judge = epic_ort.load(tiny_exports["gpt2"]["onnx"], provider="cpu")
+    report = evaluate(tiny_llama, [_corpus(tmp_path)], ["ancestral", "top-k=3"], judge=judge,
+                      out_dir=tmp_path / "j", **EVAL)
+    assert report["judge"]["sha256"] == judge.manifest.model_sha256
+    from epic_ort.calibration.corpus import context_at, load_corpus
+
+    c = load_corpus(tiny_llama, [_corpus(tmp_path)])
+    prompts = [tiny_llama.decode(context_at(c, p, 16)) for p in report["positions"]]
+    human = [tiny_llama.decode(c.tokens[p: p + 16].tolist()) for p in report["positions"]]
+    nll = np.concatenate(Judge(judge).log_losses(prompts, human))
+    assert report["human"]["judge_perplexity"] == pytest.approx(float(np.exp(nll.mean())), rel=1e-6)
+    for m in report["methods"]:
+        assert m["judge_perplexity"] > 1
+
+
+def test_self_bleu_hand_computed():
+    a, b, c = [1, 2, 3, 4, 5], [1, 2, 3, 4, 6], [7, 8, 9, 10, 11]
+    # a against {b, c}: unigrams 4/5, bigrams 3/4, trigrams 2/3, 4-grams 1/2, equal lengths (no penalty)
+    bleu_a = (4 / 5 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25
+    # c shares nothing: every precision smoothed to 0.1 / count
+    bleu_c = (0.1 / 5 * 0.1 / 4 * 0.1 / 3 * 0.1 / 2) ** 0.25
+    assert diversity.self_bleu([a, b, c]) == pytest.approx((2 * bleu_a + bleu_c) / 3)
+    assert diversity.self_bleu([a, a]) == pytest.approx(1.0)
+    # clipping: a repeated token counts as often as the reference holding it most has it
+    assert diversity.self_bleu([[5, 5, 5, 5], [5, 9, 9, 9]]) < diversity.self_bleu([[5, 5, 5, 5], [5, 5, 5, 5]])
+    # brevity penalty against the closest reference length
+    short = diversity.self_bleu([[1, 2, 3, 4], [1, 2, 3, 4, 5, 6, 7, 8]])
+    assert short < 1.0
+    assert np.isnan(diversity.self_bleu([[1, 2, 3]]))
 
 
 def test_evaluate_refuses_contexts_longer_than_the_model(tiny_llama, tmp_path):

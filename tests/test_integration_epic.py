@@ -108,14 +108,18 @@ def test_epic_cost_figures(smollm2):
 
 
 def test_calibration_reproducible_across_runs_and_seeds(smollm2):
-    from epic_ort.calibration.calibrate import CalibrationSettings, calibrate
+    from epic_ort.calibration.targets import calibrate
 
-    def run(seed):
-        s = CalibrationSettings(contexts=24, seed=seed, bootstrap=200)
-        return calibrate(smollm2, None, s, write=False, show_progress=False)
+    def run(seed, target="lookahead", **sizes):
+        return calibrate(smollm2, None, target, seed=seed, write=False, show_progress=False, **sizes)
 
-    a, b, c = run(0), run(0), run(1)
+    a, b, c = run(0, contexts=24), run(0, contexts=24), run(1, contexts=24)
     print(f"alpha seed0 {a['alpha']:.4f}±{a['alpha_se']:.4f}, seed1 {c['alpha']:.4f}±{c['alpha_se']:.4f}")
     assert a["alpha"] == b["alpha"] and a["alpha_se"] == b["alpha_se"]
     assert not a["alpha_clipped"] and not c["alpha_clipped"]
     assert abs(a["alpha"] - c["alpha"]) < 2 * np.hypot(a["alpha_se"], c["alpha_se"])
+    # the closed loop on the real model: deterministic for a seed, and not stuck at an edge
+    small = dict(contexts=8, new_tokens=12, passes=1)
+    e, f = run(0, "entce", **small), run(0, "entce", **small)
+    assert (e["alpha"], e["temperature"]) == (f["alpha"], f["temperature"])
+    assert not e["alpha_clipped"] and 0.2 < e["temperature"] < 5

@@ -29,13 +29,16 @@ from epic_ort.sampling.processors import (
     TypicalProcessor,
 )
 from epic_ort.sampling.kernels import softmax
+from epic_ort.sampling.truncation import EpsilonProcessor, EtaProcessor, TopNSigmaProcessor
 from epic_ort.settings import GenerationConfig
 
-def build_processors(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0):
+def build_processors(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0,
+                     eta_cutoff=0.0, top_n_sigma=0.0):
     """The processors the settings table builds for these settings (GenerationConfig.processors)."""
     try:
         return GenerationConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                typical_p=typical_p).processors()
+                                typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
+                                top_n_sigma=top_n_sigma).processors()
     except Exception as e:  # the table refuses values out of range up front: as the processors do
         raise ValueError(str(e)) from None
 
@@ -134,6 +137,16 @@ def _cases():
             cases.append(
                 (f"typical={p}-keep{m}", TypicalProcessor(p, m), lambda L, p=p, m=m: L.TypicalLogitsWarper(p, min_tokens_to_keep=m), m > 1)
             )
+        # epsilon/eta spare the top min_tokens_to_keep with every tie of the last one: no sort, so
+        # the masks must match exactly
+        for e in (3e-4, 1e-3, 0.01, 0.05):
+            cases.append(
+                (f"epsilon={e}-keep{m}", EpsilonProcessor(e, m), lambda L, e=e, m=m: L.EpsilonLogitsWarper(e, min_tokens_to_keep=m), False)
+            )
+        for e in (3e-4, 2e-3, 0.05, 0.5):
+            cases.append(
+                (f"eta={e}-keep{m}", EtaProcessor(e, m), lambda L, e=e, m=m: L.EtaLogitsWarper(e, min_tokens_to_keep=m), False)
+            )
     return cases
 
 
@@ -166,7 +179,7 @@ def test_parity_cases_actually_filter():
     """Guard against a vacuous parity test: the chosen settings ban tokens, and not always all."""
     scores = make_logits(0, 1000)
     for name, proc, _, _ in CASES:
-        if name.startswith("temperature") or name.startswith("top_p=1.0") or name.startswith("min_p=0.05"):
+        if name.startswith(("temperature", "top_p=1.0", "min_p=0.05")):
             continue
         out = run_ours(proc, scores)
         newly_banned = np.isneginf(out) & np.isfinite(scores)
@@ -193,6 +206,14 @@ def test_top_p_one_drops_underflowing_tokens_like_transformers():
         # typical ranking is token 1 (p .25), token 0 (.5), then 2, 3; "cum < mass" stops at 0.25
         (TypicalProcessor(0.25), lambda L: L.TypicalLogitsWarper(0.25), [False, True, False, False]),
         (TypicalProcessor(0.75), lambda L: L.TypicalLogitsWarper(0.75), [True, True, False, False]),
+        # "probs < epsilon": a token exactly at epsilon stays
+        (EpsilonProcessor(0.125), lambda L: L.EpsilonLogitsWarper(0.125), [True, True, True, True]),
+        (EpsilonProcessor(0.25), lambda L: L.EpsilonLogitsWarper(0.25), [True, True, False, False]),
+        # H = 1.75 ln 2, so the cut is min(0.5, sqrt(0.5) * 2**-1.75) = 0.2102: the 1/8 tokens go
+        (EtaProcessor(0.5), lambda L: L.EtaLogitsWarper(0.5), [True, True, False, False]),
+        # min(0.2, sqrt(0.2) * 2**-1.75) = 0.133 cuts the 1/8 tokens as well; 0.1 keeps them (cut 0.094)
+        (EtaProcessor(0.2), lambda L: L.EtaLogitsWarper(0.2), [True, True, False, False]),
+        (EtaProcessor(0.1), lambda L: L.EtaLogitsWarper(0.1), [True, True, True, True]),
     ],
 )
 def test_exact_threshold_comparisons(ours, make_theirs, kept):
@@ -209,7 +230,8 @@ def test_large_vocab_chain_parity():
     torch, L = _hf()
     rng = np.random.default_rng(7)
     scores = (rng.standard_normal((16, 49152)) * 3).astype(np.float32)
-    ours = run_ours(build_processors(temperature=0.8, top_k=200, top_p=0.9, min_p=0.02, typical_p=0.95), scores)
+    ours = run_ours(build_processors(temperature=0.8, top_k=200, top_p=0.9, min_p=0.02, typical_p=0.95,
+                                     epsilon_cutoff=3e-4, eta_cutoff=1e-3), scores)
     theirs_list = L.LogitsProcessorList(
         [
             L.TemperatureLogitsWarper(0.8),
@@ -217,10 +239,39 @@ def test_large_vocab_chain_parity():
             L.TopPLogitsWarper(0.9),
             L.MinPLogitsWarper(0.02),
             L.TypicalLogitsWarper(0.95),
+            L.EpsilonLogitsWarper(3e-4),
+            L.EtaLogitsWarper(1e-3),
         ]
     )
     theirs = run_hf(theirs_list, scores)
     assert_same_filter(ours, theirs, scores, ties_may_differ=False)
+
+
+@pytest.mark.parametrize("make", [lambda: (EpsilonProcessor(3e-5), "EpsilonLogitsWarper", 3e-5),
+                                  lambda: (EtaProcessor(3e-4), "EtaLogitsWarper", 3e-4)], ids=["epsilon", "eta"])
+def test_large_vocab_epsilon_eta_parity(make):
+    """On a 49152 vocabulary the cut falls among thousands of tokens, and torch's float32 softmax and
+    entropy (its own summation order) differ from the float64-then-rounded ones here by a few ulps.
+    So: identical masks except tokens whose probability is within 1e-5 (relative) of the cut, and
+    at most 2 of those in 16 rows. (Eta's cut min(eta, sqrt(eta)·exp(-H)) is ~1e-5 here, where the
+    tokens are densest; with 20 seeds x 6 cut-offs, 4 of 1440 masks differed by one such token.)"""
+    torch, L = _hf()
+    ours_proc, name, value = make()
+    rng = np.random.default_rng(11)
+    scores = (rng.standard_normal((16, 49152)) * 3).astype(np.float32)
+    ours = run_ours(ours_proc, scores)
+    theirs = run_hf(getattr(L, name)(value), scores)
+    differ = np.isneginf(ours) != np.isneginf(theirs)
+    kept = ~np.isneginf(ours)
+    assert (np.isneginf(ours) & np.isfinite(scores)).sum() > 16 * 1000  # the cut is not vacuous
+    np.testing.assert_array_equal(ours[kept & ~differ], scores[kept & ~differ])
+    if differ.any():
+        probs = softmax(scores).astype(np.float64)
+        cut = (ours_proc.threshold(scores) if isinstance(ours_proc, EtaProcessor)
+               else np.full((16, 1), np.float32(value))).astype(np.float64)
+        rows, cols = np.nonzero(differ)
+        np.testing.assert_allclose(probs[rows, cols], cut[rows, 0], rtol=1e-5)
+    assert differ.sum() <= 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,6 +280,10 @@ def test_large_vocab_chain_parity():
 
 BUILD_CONFIGS = [
     dict(temperature=0.7, top_k=5, top_p=0.9, min_p=0.1, typical_p=0.8),
+    dict(temperature=0.7, top_k=50, top_p=0.95, min_p=0.0, typical_p=0.9, epsilon_cutoff=3e-4, eta_cutoff=2e-3),
+    dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.01),
+    dict(temperature=1.2, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, eta_cutoff=0.05),
+    dict(temperature=1.0, top_k=0, top_p=0.9, min_p=0.05, typical_p=1.0, epsilon_cutoff=1e-3, eta_cutoff=4e-3),
     dict(temperature=1.3, top_k=50, top_p=0.5, min_p=0.0, typical_p=1.0),
     dict(temperature=0.5, top_k=0, top_p=0.99, min_p=0.2, typical_p=0.9),
     dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.05, typical_p=0.2),
@@ -252,6 +307,8 @@ def _hf_processor_list(cfg):
         top_p=cfg["top_p"],
         min_p=cfg["min_p"] or None,
         typical_p=cfg["typical_p"],
+        epsilon_cutoff=cfg.get("epsilon_cutoff", 0.0),
+        eta_cutoff=cfg.get("eta_cutoff", 0.0),
     )
     try:
         return _NoModel()._get_logits_processor(gen_cfg, device="cpu")
@@ -278,6 +335,11 @@ def test_build_processors_matches_generate(cfg):
 def test_build_processors_order_and_identity_skips():
     names = [type(p).__name__ for p in build_processors(0.7, 5, 0.9, 0.1, 0.8)]
     assert names == ["TemperatureProcessor", "TopKProcessor", "TopPProcessor", "MinPProcessor", "TypicalProcessor"]
+    # transformers' order, then its epsilon and eta; llama.cpp's top-n-sigma ahead of the other cuts
+    names = [type(p).__name__ for p in build_processors(0.7, 5, 0.9, 0.1, 0.8, 3e-4, 1e-3, 1.5)]
+    assert names == ["TemperatureProcessor", "TopNSigmaProcessor", "TopKProcessor", "TopPProcessor", "MinPProcessor",
+                     "TypicalProcessor", "EpsilonProcessor", "EtaProcessor"]
+    assert [type(p).__name__ for p in build_processors(eta_cutoff=1e-3)] == ["EtaProcessor"]
     assert len(build_processors()) == 0
     assert [type(p).__name__ for p in build_processors(top_p=0.5)] == ["TopPProcessor"]
     assert [type(p).__name__ for p in build_processors(min_p=0.3, temperature=2.0)] == [
@@ -366,6 +428,17 @@ def test_disabled_and_float64_inputs():
         lambda: MinPProcessor(0.1, min_tokens_to_keep=1.5),
         lambda: build_processors(temperature=0.0),
         lambda: build_processors(top_k=-3),
+        lambda: EpsilonProcessor(1.0),
+        lambda: EpsilonProcessor(-1e-4),
+        lambda: EpsilonProcessor(float("nan")),
+        lambda: EtaProcessor(1.0),
+        lambda: EtaProcessor(-0.1),
+        lambda: EtaProcessor(1e-3, min_tokens_to_keep=0),
+        lambda: TopNSigmaProcessor(float("inf")),
+        lambda: TopNSigmaProcessor(float("nan")),
+        lambda: build_processors(epsilon_cutoff=1.0),
+        lambda: build_processors(eta_cutoff=-0.001),
+        lambda: build_processors(top_n_sigma=-1.0),
     ],
 )
 def test_invalid_settings_raise(make):
@@ -377,7 +450,8 @@ def test_module_does_not_import_torch():
     """The runtime must not pull in torch/transformers through the processors or the settings."""
     code = (
         "import sys\n"
-        "import epic_ort.sampling.processors, epic_ort.settings\n"
+        "import epic_ort.sampling.processors, epic_ort.sampling.truncation, epic_ort.sampling.mirostat\n"
+        "import epic_ort.settings\n"
         "bad = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
         "assert not bad, bad\n"
     )
@@ -433,6 +507,13 @@ PROPERTY_PROCESSORS = {
     "typical=0.9-keep3": TypicalProcessor(0.9, min_tokens_to_keep=3),
     "chain": build_processors(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, typical_p=0.9),
     "chain-hot": build_processors(temperature=1.3, top_p=0.5, min_p=0.2),
+    "epsilon=0.05": EpsilonProcessor(0.05),
+    "epsilon=0.2-keep3": EpsilonProcessor(0.2, min_tokens_to_keep=3),
+    "eta=0.01": EtaProcessor(0.01),
+    "eta=0.5-keep3": EtaProcessor(0.5, min_tokens_to_keep=3),
+    "top_n_sigma=0.5": TopNSigmaProcessor(0.5),
+    "top_n_sigma=2": TopNSigmaProcessor(2.0),
+    "chain-new": build_processors(temperature=0.7, top_n_sigma=1.0, top_k=5, epsilon_cutoff=0.01, eta_cutoff=0.01),
 }
 
 
@@ -458,7 +539,7 @@ def test_processors_keep_a_valid_distribution(name, scores):
         kept = np.isfinite(out)
         np.testing.assert_array_equal(out[kept], scores[kept])
         assert np.isneginf(out[~kept]).all()
-    if name.startswith(("top_k", "top_p", "min_p")):
+    if name.startswith(("top_k", "top_p", "min_p", "epsilon", "eta", "top_n_sigma")):
         # these never ban the most likely token (the lowest id among tied maxima)
         rows = np.flatnonzero(had_finite)
         best = np.argmax(scores[rows], axis=-1)

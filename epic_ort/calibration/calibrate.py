@@ -1,5 +1,5 @@
-"""Fit EPIC's alpha so that the lookahead entropy the model expects under q_a equals the one
-measured along real text.
+"""The one-step target ("lookahead"): fit EPIC's alpha so that the lookahead entropy the model expects
+under q_a equals the one measured along real text, at real-text contexts.
 
 Data side: mean over contexts of Ĥ(y_human), the lookahead entropy after the token the human wrote.
 Model side: mean over contexts of E_{y~q_a}[Ĥ(y)] = E_q[e^{-aĤ}Ĥ] / E_q[e^{-aĤ}], estimated by
@@ -13,22 +13,17 @@ computed once per candidate and alpha is found by bisection on the monotone mean
 
 from __future__ import annotations
 
-import datetime as _dt
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from ..epic.estimator import lookahead_entropy
-from ..fileio import write_json_atomic
 from ..progress import progress
 from ..runtime.model import CausalLM
 from ..sampling.kernels import log_softmax
-from .corpus import Corpus, context_at, load_corpus, sample_positions
+from .corpus import Corpus, context_at, sample_positions
 
-CALIBRATION_NAME = "epic_calibration.json"
 ALPHA_RANGE = (-10.0, 10.0)
 
 
@@ -167,12 +162,10 @@ def measure(model: CausalLM, corpus: Corpus, s: CalibrationSettings, *, show_pro
     return m
 
 
-def calibrate(model: CausalLM, corpus_paths: Sequence[str | os.PathLike] | None = None,
-              settings: CalibrationSettings | None = None, *, write: bool = True,
-              show_progress: bool | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Measure, fit, bootstrap, and (atomically) write epic_calibration.json into the model folder."""
+def calibrate_lookahead(model: CausalLM, corpus: Corpus, settings: CalibrationSettings | None = None, *,
+                        show_progress: bool | None = None) -> dict[str, Any]:
+    """The one-step target: measure, fit and bootstrap alpha (targets.calibrate writes the file)."""
     s = settings or CalibrationSettings()
-    corpus = load_corpus(model, corpus_paths)
     m = measure(model, corpus, s, show_progress=show_progress)
     target = float(m.data_h.mean())
     alpha = fit_alpha(target, m.cand_logw, m.cand_h)
@@ -194,11 +187,5 @@ def calibrate(model: CausalLM, corpus_paths: Sequence[str | os.PathLike] | None 
         "tail_samples": s.tail_samples,
         "mean_candidate_mass": round(float(m.coverage.mean()), 4),
         "seed": s.seed,
-        "corpus": corpus.describe(),
-        "model_sha256": model.manifest.model_sha256,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "format": "epic-ort-calibration/1",
     }
-    if write:
-        write_json_atomic(Path(model.model_dir) / CALIBRATION_NAME, result)
     return result

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from ..calibration.store import resolve_alpha
 from ..errors import EpicOrtError, InvalidRequestError
 from ..settings import GenerationConfig
 from .options import PROVIDER, config_from, generation_options
@@ -53,7 +54,7 @@ def generate(model_dir: Path, prompt: tuple[str, ...], prompt_file: Path | None,
             click.echo(f"epic-ort: {failed} request(s) failed (see above)", err=True)
             sys.exit(2 if strict else 1)
         return
-    _write_samples(model, prompts, config, num_samples, batch_size, chat, fmt)
+    _write_samples(model, prompts, resolve_alpha(model, config), num_samples, batch_size, chat, fmt)
 
 
 def _write_samples(model: Any, prompts: list[str], config: GenerationConfig, num_samples: int, batch_size: int,
@@ -146,8 +147,8 @@ def _run_requests(model: Any, input_file: Path, output_file: Path | None, defaul
             if len(done.get(req.index, ())) >= req.num_samples:
                 continue
             try:
-                for s in run(model, [req.prompt], req.config, num_samples=req.num_samples, batch_size=batch_size,
-                             chat=req.chat):
+                for s in run(model, [req.prompt], resolve_alpha(model, req.config), num_samples=req.num_samples,
+                             batch_size=batch_size, chat=req.chat):
                     if s.sample_index in done.get(req.index, ()):
                         continue
                     obj = {"request_index": req.index, **({"id": req.id} if req.id is not None else {}), **s.to_json()}

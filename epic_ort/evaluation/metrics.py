@@ -1,13 +1,21 @@
-"""Figures for judging a decoding method against real text (used by `epic-ort evaluate`).
+"""Rates for judging a decoding method against real text (used by `epic-ort evaluate`).
 
 The question EPIC answers is whether generated text is as predictable *to the model itself* as
-human text is. So every entropy here is the entropy of the BASE model's next-token distribution q
-(no processors, temperature 1), measured along a sequence by teacher forcing: the same yardstick
-for human continuations and for every sampler's output, whatever distribution the sampler drew
-from. The gap between a method's entropy rate and the human one is its calibration error.
+human text is. So every figure here comes from the BASE model's next-token distribution q (no
+processors, temperature 1) along a sequence, by teacher forcing: the same yardstick for human
+continuations and for every sampler's output, whatever distribution the sampler drew from.
 
-Apart from the teacher-forced forward pass (`score_continuations` and its wrappers), everything
-here is a pure NumPy function of token ids or per-position arrays.
+- The entropy-calibration error (EntCE; Braverman et al. 2020, Cao, Valiant & Liang 2025): the
+  entropy rate of the model's own generations, measured as their mean surprisal −log q(y_t), minus
+  the model's log loss on human text. A calibrated sampler's generations surprise the model as much
+  as human text does. This is the primary figure.
+- The entropy-rate gap: mean entropy H(q(.|prefix)) along the generation minus along the human
+  text (how uncertain the model is on each, rather than how surprised).
+
+Both are differences of pooled per-token rates, paired by prompt (`rate_gap`). The per-token figures
+come from `epic_ort.scoring` (teacher forcing).
+
+Everything here is a pure NumPy function of per-position arrays.
 """
 
 from __future__ import annotations
@@ -16,80 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..runtime.model import CausalLM, left_pad
-from ..sampling.kernels import entropy, log_softmax
-
-# Teacher-forced logits are [rows, T, V] float32; keep one forward's logits under this many bytes
-# (a 49k vocabulary at 256 positions is ~50 MB a row).
-LOGITS_BUDGET_BYTES = 512 * 1024 * 1024
-
-
-# ---------------------------------------------------------------------------------------------
-# teacher-forced entropies and log-loss
-# ---------------------------------------------------------------------------------------------
-
-
-def score_continuations(
-    model: CausalLM,
-    prompt_ids: Sequence[Sequence[int]],
-    continuation_ids: Sequence[Sequence[int]],
-    batch_size: int = 8,
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """For each (prompt, continuation) row: (entropies, log-losses), both float64 [len(continuation)].
-
-    entropies[t] = H(q(.|prompt, cont[:t])) in nats and log_losses[t] = -log q(cont[t]|prompt, cont[:t]),
-    for t = 0..len-1, where q is the base model's distribution (raw logits, no processors).
-
-    Why teacher forcing: one forward over prompt + cont[:-1] gives the model's prediction at every
-    continuation position at once, exactly what step-by-step decoding would have seen (position
-    ids and attention mask follow `CausalLM.forward`'s left-padding rules, as in `prefill`), so
-    human text and samples are scored by the same pass. Rows are left-padded and run `batch_size`
-    at a time (fewer when the [rows, T, V] logits would exceed LOGITS_BUDGET_BYTES).
-    """
-    if len(prompt_ids) != len(continuation_ids):
-        raise ValueError(f"{len(prompt_ids)} prompts but {len(continuation_ids)} continuations")
-    out: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0), np.zeros(0))] * len(prompt_ids)
-    rows = []
-    for i, (p, c) in enumerate(zip(prompt_ids, continuation_ids)):
-        p, c = [int(x) for x in p], [int(x) for x in c]
-        if not p:
-            raise ValueError(f"row {i}: empty prompt (the first continuation token needs a context)")
-        if c:
-            rows.append((i, p, c))
-    if not rows:
-        return out
-    width = max(len(p) + len(c) - 1 for _, p, c in rows)
-    vocab = int(model.vocab_size)
-    per_forward = max(1, min(int(batch_size), LOGITS_BUDGET_BYTES // max(1, width * vocab * 4)))
-    pad = model.manifest.pad_token_id or 0
-    for start in range(0, len(rows), per_forward):
-        chunk = rows[start : start + per_forward]
-        ids, mask = left_pad([p + c[:-1] for _, p, c in chunk], pad_id=pad)
-        logits, _ = model.forward(ids, model.empty_cache(len(chunk)), mask, last_only=False)
-        w = ids.shape[1]
-        for j, (i, p, c) in enumerate(chunk):
-            # row j's last real token sits at column w-1; its first continuation prediction is
-            # made at the prompt's last token, len(c) - 1 columns earlier
-            row_logits = logits[j, w - len(c) : w]
-            h = entropy(row_logits)
-            logq = log_softmax(row_logits.astype(np.float64))
-            nll = -logq[np.arange(len(c)), np.asarray(c, dtype=np.int64)]
-            out[i] = (h.astype(np.float64), nll.astype(np.float64))
-    return out
-
-
-def entropy_and_logloss(
-    model: CausalLM, prompt_ids: Sequence[int], continuation_ids: Sequence[int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """One row of `score_continuations`: (entropies, log-losses) along `continuation_ids`."""
-    return score_continuations(model, [prompt_ids], [continuation_ids])[0]
-
-
-def entropy_along(model: CausalLM, prompt_ids: Sequence[int], continuation_ids: Sequence[int]) -> np.ndarray:
-    """Entropy (nats) of the base model's next-token distribution at each continuation position:
-    H(q(.|prompt, cont[:t])) for t = 0..len-1 (see `score_continuations`). The mean of this along
-    a text is its entropy rate under the model, the quantity EPIC aligns with human text."""
-    return entropy_and_logloss(model, prompt_ids, continuation_ids)[0]
+from ..scoring import pooled_mean
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,17 +39,6 @@ def sums_and_counts(per_sample: Sequence[np.ndarray]) -> tuple[np.ndarray, np.nd
     return sums, counts
 
 
-def pooled_mean(per_sample: Sequence[np.ndarray]) -> float:
-    """Mean over all positions of all samples (NaN when there are none).
-
-    Pooled rather than a mean of per-sample means, so that the entropy rate is per token, as the
-    model's log-loss is; a sample that stopped early at EOS simply contributes fewer positions.
-    """
-    sums, counts = sums_and_counts(per_sample)
-    total = counts.sum()
-    return float(sums.sum() / total) if total > 0 else float("nan")
-
-
 def entropy_rate(per_sample: Sequence[np.ndarray]) -> float:
     """Entropy rate (nats/token) of a set of texts under the model: the pooled mean of their
     per-position entropies."""
@@ -126,7 +50,7 @@ def per_sample_means(per_sample: Sequence[np.ndarray]) -> np.ndarray:
     return np.array([float(np.mean(a)) if len(a) else float("nan") for a in per_sample], dtype=np.float64)
 
 
-def calibration_error(
+def rate_gap(
     method: Sequence[np.ndarray],
     human: Sequence[np.ndarray],
     *,
@@ -134,10 +58,10 @@ def calibration_error(
     seed: int = 0,
     level: float = 0.95,
 ) -> dict[str, Any]:
-    """|entropy rate(method) - entropy rate(human)| with a paired bootstrap interval over prompts.
+    """rate(method) - rate(human), signed and absolute, with a paired bootstrap interval over prompts.
 
-    `method[i]` and `human[i]` are the per-position entropies of the sample and of the human
-    continuation for prompt i. Why paired: both come from the same prompt, and prompts differ far
+    `method[i]` and `human[i]` are per-position figures of the sample and of the human continuation
+    for prompt i: surprisals −log q for EntCE, entropies for the entropy-rate gap. Why paired: both come from the same prompt, and prompts differ far
     more from each other than methods do, so resampling prompts (the same indices for both) and
     recomputing both pooled rates keeps that shared variation out of the difference.
 
@@ -208,56 +132,3 @@ def position_curve(per_sample: Sequence[np.ndarray], length: int, buckets: int) 
         mean = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
     centers = (edges[:-1] + edges[1:] - 1) / 2.0
     return {"edges": edges.tolist(), "centers": centers.tolist(), "mean": mean.tolist(), "count": counts.tolist()}
-
-
-# ---------------------------------------------------------------------------------------------
-# diversity and repetition (on token ids)
-# ---------------------------------------------------------------------------------------------
-
-
-def _ngrams(tokens: Sequence[int], n: int) -> list[tuple[int, ...]]:
-    t = [int(x) for x in tokens]
-    return [tuple(t[i : i + n]) for i in range(len(t) - n + 1)]
-
-
-def distinct_n(samples: Sequence[Sequence[int]], n: int) -> float:
-    """Unique n-grams / total n-grams over all samples together (NaN if there are no n-grams).
-
-    Why: the standard diversity measure (Li et al., 2016); low values mean the method keeps
-    producing the same phrases across prompts and within a sample. Computed on token ids, so it
-    compares methods on one model, not across tokenizers.
-    """
-    if n < 1:
-        raise ValueError("n must be >= 1")
-    seen: set[tuple[int, ...]] = set()
-    total = 0
-    for s in samples:
-        grams = _ngrams(s, n)
-        total += len(grams)
-        seen.update(grams)
-    return len(seen) / total if total else float("nan")
-
-
-def repeated_ngram_fraction(samples: Sequence[Sequence[int]], n: int = 4) -> float:
-    """Per sample, the share of its n-grams that already occurred earlier in the same sample;
-    averaged over samples that have at least one n-gram (NaN if none has).
-
-    Why: degenerate repetition loops (the failure of greedy and low-temperature decoding) show up
-    as a high share of repeated 4-grams within a sample, while human text sits near 0.
-    """
-    if n < 1:
-        raise ValueError("n must be >= 1")
-    shares = []
-    for s in samples:
-        grams = _ngrams(s, n)
-        if not grams:
-            continue
-        seen: set[tuple[int, ...]] = set()
-        repeats = 0
-        for g in grams:
-            if g in seen:
-                repeats += 1
-            else:
-                seen.add(g)
-        shares.append(repeats / len(grams))
-    return float(np.mean(shares)) if shares else float("nan")

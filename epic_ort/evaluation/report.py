@@ -13,126 +13,151 @@ import numpy as np
 from ..fileio import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 
-def _json_safe(x: Any) -> Any:
+def json_safe(x: Any) -> Any:
     """NaN/inf -> None (JSON has no NaN); NumPy scalars -> Python numbers."""
     if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
+        return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
+        return [json_safe(v) for v in x]
     if isinstance(x, (np.integer,)):
         return int(x)
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
     if isinstance(x, (float, np.floating)):
         x = float(x)
         return x if math.isfinite(x) else None
     return x
 
 
+def _fmt(x: Any, digits: int = 3, signed: bool = False) -> str:
+    if x is None:
+        return "–"
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
 
 
-def _fmt(x: Any, digits: int = 3) -> str:
-    return "–" if x is None else f"{x:.{digits}f}"
+def _label(row: dict[str, Any]) -> str:
+    name = row["name"]
+    if row.get("alpha_source") == "calibration" and row.get("alpha") is not None:
+        name += f" (alpha={row['alpha']:.3g})"
+    if row.get("temperature_source") == "calibration":
+        name += f" (T={row['config']['temperature']:.3g})"
+    return name
+
+
+def _gap(g: dict[str, Any]) -> str:
+    ci = f" [{_fmt(g['diff_lo'], signed=True)}, {_fmt(g['diff_hi'], signed=True)}]" if g.get("diff_lo") is not None else ""
+    return _fmt(g["diff"], signed=True) + ci
+
+
+TABLE_HEAD = ["method", "EntCE [95% CI]", "|EntCE|", "surprisal rate", "entropy gap [95% CI]", "distinct-2",
+              "distinct-3", "self-BLEU", "rep-4", "mean tokens", "judge ppl"]
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """The results as a markdown table (one row per method, then human) and the log-loss line."""
-    head = ["method", "entropy rate", "calibration error [95% CI]", "distinct-2", "distinct-3", "rep-4",
-            "mean tokens"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-    for row in report["methods"]:
-        ce = row["calibration_error"]
-        ci = f" [{_fmt(ce['lo'])}, {_fmt(ce['hi'])}]" if ce.get("lo") is not None else ""
-        name = row["name"]
-        if row.get("alpha_source") == "calibration" and row.get("alpha") is not None:
-            name += f" (alpha={row['alpha']:.3g})"
-        cells = [name, _fmt(row["entropy_rate"]), _fmt(ce["value"]) + ci, _fmt(row["distinct_2"]),
-                 _fmt(row["distinct_3"]), _fmt(row["rep_4"]), _fmt(row["mean_tokens"], 1)]
+    """One row per method (best |EntCE| first), then the human text, then what the rates are against."""
+    lines = ["| " + " | ".join(TABLE_HEAD) + " |", "|" + "|".join(["---"] + ["---:"] * (len(TABLE_HEAD) - 1)) + "|"]
+    for row in sorted(report["methods"], key=lambda r: r.get("entce_rank", 0)):
+        cells = [_label(row), _gap(row["entce"]), _fmt(row["entce"]["value"]), _fmt(row["surprisal_rate"]),
+                 _gap(row["entropy_gap"]), _fmt(row["distinct_2"]), _fmt(row["distinct_3"]), _fmt(row["self_bleu"]),
+                 _fmt(row["rep_4"]), _fmt(row["mean_tokens"], 1), _fmt(row.get("judge_perplexity"), 2)]
         lines.append("| " + " | ".join(cells) + " |")
     h = report["human"]
-    cells = ["**human**", _fmt(h["entropy_rate"]), "–", _fmt(h["distinct_2"]), _fmt(h["distinct_3"]),
-             _fmt(h["rep_4"]), _fmt(h["mean_tokens"], 1)]
+    cells = ["**human**", "0", "–", _fmt(h["log_loss"]), "0", _fmt(h["distinct_2"]), _fmt(h["distinct_3"]),
+             _fmt(h["self_bleu"]), _fmt(h["rep_4"]), _fmt(h["mean_tokens"], 1), _fmt(h.get("judge_perplexity"), 2)]
     lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"Model log-loss on the human continuations: {_fmt(h['log_loss'])} nats/token "
-                 f"(perplexity {_fmt(h.get('perplexity'), 2)}).")
+    lines.append(f"Base model on the human continuations: log loss {_fmt(h['log_loss'])} nats/token (perplexity "
+                 f"{_fmt(h.get('perplexity'), 2)}), entropy rate {_fmt(h['entropy_rate'])} nats/token.")
     return "\n".join(lines)
 
 
 def format_markdown(report: dict[str, Any]) -> str:
-    """report.md: title, the table, what the columns mean, and the settings."""
+    """report.md: the table, what the columns mean, the settings, the plot."""
     s = report["settings"]
     corpus = ", ".join(f"{Path(f['path']).name} (sha256 {f['sha256'][:12]})" for f in report["corpus"]["files"])
+    judge = report.get("judge")
     parts = [
-        "# epic-ort evaluate",
-        "",
-        format_table(report),
-        "",
-        "Entropy rate: mean entropy (nats) of the base model's next-token distribution along the text "
-        "(teacher forced, temperature 1, no processors). Calibration error: |entropy rate - human entropy rate|, "
-        f"{int(report['methods'][0]['calibration_error']['level'] * 100) if report['methods'] else 95}% paired "
-        f"bootstrap interval over prompts ({s['n_boot']} resamples). distinct-n: unique / total n-grams over "
-        "all samples (token ids). rep-4: share of 4-grams already seen earlier in the same sample, averaged "
-        "over samples.",
-        "",
-        "## Settings",
-        "",
+        "# epic-ort evaluate", "", format_table(report), "",
+        "EntCE (entropy-calibration error, Braverman et al. 2020; Cao, Valiant & Liang 2025): the mean surprisal "
+        "−log q of each method's own tokens under the base model minus the base model's log loss on the human "
+        "continuations of the same passages (nats/token; 0 is calibrated, > 0 the generations surprise the model "
+        "more than human text does). Entropy gap: mean entropy of q along the generation minus along the human "
+        f"text. Both with {_level(report)}% paired bootstrap intervals over "
+        f"passages ({s['n_boot']} resamples). distinct-n: unique / total n-grams over all samples. self-BLEU: "
+        "BLEU-4 of each sample against the others (lower: more varied across samples). rep-4: share of 4-grams "
+        "already seen earlier in the same sample. Judge ppl: perplexity of the continuation text under the judge "
+        "model" + (f" ({judge['dir']})" if judge else " (none given: --judge MODEL_DIR)") + ".",
+        "", "## Settings", "",
         f"- model: {report['model']['dir']} (sha256 {str(report['model']['sha256'])[:12]})",
         f"- corpus: {corpus}; {report['corpus']['tokens']} tokens",
-        f"- prompts: {s['prompts']} passages of {s['prompt_tokens']} tokens; {s['max_new_tokens']} new tokens; "
-        f"seed {s['seed']}",
-        f"- EPIC: horizon {s['horizon']}, rollouts {s['rollouts']}"
-        + (f", calibrated alpha {report['epic_alpha']:.4f}" if report.get("epic_alpha") is not None else ""),
-        f"- position buckets: {s['buckets']}; batch size {s['batch_size']}",
-        f"- created {report['created']}; {report.get('seconds', 0):.1f} s",
-        "",
+        f"- passages: {s['prompts']} of {s['prompt_tokens']} prompt tokens; {s['max_new_tokens']} new tokens; "
+        f"seed {s['seed']}; EPIC horizon {s['horizon']}, rollouts {s['rollouts']}",
+        f"- created {report['created']}; {report.get('seconds', 0):.1f} s", "",
     ]
     if report.get("plot"):
-        parts += [f"![entropy along the position]({report['plot']})", ""]
+        parts += [f"![EntCE and the rates along the position]({report['plot']})", ""]
     return "\n".join(parts)
 
 
-def plot_curves(report: dict[str, Any]) -> bytes:
-    """plot.png: mean entropy per position bucket, one line per method, human in black (thicker).
+def _level(report: dict[str, Any]) -> int:
+    rows = report["methods"]
+    return int(round(100 * rows[0]["entce"].get("level", 0.95))) if rows else 95
 
-    Uses matplotlib's Agg canvas directly (no pyplot), so it neither needs a display nor changes the
-    backend of a caller that has pyplot open. matplotlib is imported here only (optional extra `plot`).
-    """
+
+def plot_report(report: dict[str, Any]) -> bytes:
+    """plot.png: EntCE with its interval per method, and surprisal and entropy along the position
+    (human in black). matplotlib's Agg canvas directly: no display, no change to a caller's pyplot."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    x = report["buckets"]["centers"]
-    fig = Figure(figsize=(8, 4.8), dpi=120)
+    fig = Figure(figsize=(15, 5), dpi=110)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-
-    def ys(values: list[Any]) -> list[float]:
-        return [float("nan") if v is None else v for v in values]
-
-    for row in report["methods"]:
-        label = row["name"]
-        if row.get("alpha_source") == "calibration" and row.get("alpha") is not None:
-            label += f" (alpha={row['alpha']:.3g})"
-        ax.plot(x, ys(row["curve"]), marker="o", markersize=3, linewidth=1.4, label=label)
-    ax.plot(x, ys(report["human"]["curve"]), color="black", linewidth=3.0, marker="o", markersize=4, label="human")
-    ax.set_xlabel("position in the continuation (tokens, bucket centre)")
-    ax.set_ylabel("entropy of the model's next-token distribution (nats)")
+    axes = fig.subplots(1, 3)
+    rows = sorted(report["methods"], key=lambda r: r.get("entce_rank", 0))
+    _plot_entce(axes[0], rows)
+    x = report["buckets"]["centers"]
+    for ax, key, what in ((axes[1], "surprisal_curve", "surprisal −log q (nats)"),
+                          (axes[2], "entropy_curve", "entropy of q (nats)")):
+        for row in rows:
+            ax.plot(x, _ys(row[key]), marker="o", markersize=3, linewidth=1.2, label=_label(row))
+        ax.plot(x, _ys(report["human"][key]), color="black", linewidth=3.0, marker="o", markersize=4, label="human")
+        ax.set_xlabel("position in the continuation (tokens, bucket centre)")
+        ax.set_ylabel(what)
+        ax.grid(True, alpha=0.3)
+    axes[2].legend(fontsize=7, loc="best")
     s = report["settings"]
-    model_name = Path(str(report["model"]["dir"])).name  # the folder name: short, unlike the source
-    ax.set_title(f"Entropy rate along the continuation ({model_name}, {s['prompts']} prompts)", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    fig.suptitle(f"{Path(str(report['model']['dir'])).name}: {s['prompts']} passages x {s['max_new_tokens']} tokens",
+                 fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
 
 
+def _ys(values: list[Any]) -> list[float]:
+    return [float("nan") if v is None else v for v in values]
+
+
+def _plot_entce(ax: Any, rows: list[dict[str, Any]]) -> None:
+    ys = np.arange(len(rows))[::-1]
+    for y, row in zip(ys, rows):
+        g = row["entce"]
+        ax.plot([g["diff"]], [y], "o", color="tab:red" if row.get("alpha") is not None else "tab:blue")
+        if g.get("diff_lo") is not None:
+            ax.plot([g["diff_lo"], g["diff_hi"]], [y, y], color="gray", linewidth=2)
+    ax.axvline(0.0, color="black", linewidth=1)
+    ax.set_yticks(ys, [_label(r) for r in rows], fontsize=7)
+    ax.set_xlabel("EntCE (nats/token), 95% CI")
+    ax.grid(True, axis="x", alpha=0.3)
+
+
 def write_outputs(report: dict[str, Any], out_dir: str | os.PathLike) -> None:
-    """Write plot.png (when matplotlib is installed), report.json and report.md, each atomically.
+    """plot.png (when matplotlib is installed), report.json and report.md, each atomically.
     Sets report["plot"] to the plot's file name, or None with report["plot_error"] saying why."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        png = plot_curves(report)
+        png = plot_report(report)
     except ImportError:
         report["plot"] = None
         report["plot_error"] = "matplotlib is not installed (pip install 'epic-ort[plot]')"

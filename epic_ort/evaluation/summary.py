@@ -1,0 +1,91 @@
+"""The evaluation's figures per method, from the scored passages: what report.json holds."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from dataclasses import asdict
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..runtime.model import CausalLM
+from ..settings import AUTO, GenerationConfig
+from . import diversity, metrics
+from .methods import Method
+from .report import json_safe
+from .store import Scored
+
+REPORT_FORMAT = "epic-ort-evaluation/2"
+
+
+def _strip_eos(tokens: Sequence[int], eos: set[int]) -> list[int]:
+    t = list(tokens)
+    while t and t[-1] in eos:
+        t.pop()
+    return t
+
+
+def text_figures(scored: Scored, eos: set[int], length: int, buckets: int) -> dict[str, Any]:
+    """Rates and curves over every position the model chose a token at (EOS included); n-gram figures
+    on the text itself (a final EOS is not text; human rows have none)."""
+    text = [_strip_eos(t, eos) for t in scored.tokens]
+    judge = metrics.pooled_mean(scored.judge_nll) if scored.judge_nll else None
+    return {
+        "surprisal_rate": metrics.pooled_mean(scored.surprisals),
+        "entropy_rate": metrics.entropy_rate(scored.entropies),
+        "distinct_2": diversity.distinct_n(text, 2),
+        "distinct_3": diversity.distinct_n(text, 3),
+        "self_bleu": diversity.self_bleu(text),
+        "rep_4": diversity.repeated_ngram_fraction(text, 4),
+        "mean_tokens": float(np.mean([len(t) for t in scored.tokens])),
+        "judge_log_loss": judge,
+        "judge_perplexity": math.exp(judge) if judge is not None else None,
+        "surprisal_curve": metrics.position_curve(scored.surprisals, length, buckets)["mean"],
+        "entropy_curve": metrics.position_curve(scored.entropies, length, buckets)["mean"],
+        "per_prompt_surprisal": metrics.per_sample_means(scored.surprisals).tolist(),
+        "seconds": round(scored.seconds, 3),
+    }
+
+
+def method_row(name: str, spec: dict[str, Any], config: GenerationConfig, scored: Scored, human: Scored,
+               eos: set[int], s: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {"name": name, "config": asdict(config)}
+    row.update(text_figures(scored, eos, s.max_new_tokens, s.buckets))
+    row["entce"] = metrics.rate_gap(scored.surprisals, human.surprisals, n_boot=s.n_boot, seed=s.seed)
+    row["entropy_gap"] = metrics.rate_gap(scored.entropies, human.entropies, n_boot=s.n_boot, seed=s.seed)
+    row["alpha"] = config.alpha if config.uses_epic else None
+    row["alpha_source"] = ("calibration" if spec.get("alpha") == AUTO else "fixed") if "alpha" in spec else None
+    row["temperature_source"] = "calibration" if spec.get("temperature") == AUTO else None
+    row["finish_reasons"] = {k: scored.finish.count(k) for k in sorted(set(scored.finish))}
+    tokens = sum(len(t) for t in scored.tokens)
+    row["tokens_per_second"] = round(tokens / scored.seconds, 2) if scored.seconds > 0 else None
+    return row
+
+
+def build_report(model: CausalLM, corpus: Any, positions: np.ndarray, parsed: list[Method],
+                 resolved: dict[str, GenerationConfig], results: dict[str, Scored], human: Scored, s: Any,
+                 judge: dict[str, str] | None) -> dict[str, Any]:
+    eos = set(model.eos_token_ids)
+    curve = metrics.position_curve(human.entropies, s.max_new_tokens, s.buckets)
+    human_row = text_figures(human, eos, s.max_new_tokens, s.buckets)
+    human_row["log_loss"] = human_row["surprisal_rate"]
+    human_row["perplexity"] = math.exp(human_row["log_loss"])
+    rows = [method_row(name, spec, resolved[name], results[name], human, eos, s) for name, spec in parsed]
+    order = sorted(range(len(rows)), key=lambda i: rows[i]["entce"]["value"])
+    for rank, i in enumerate(order, start=1):
+        rows[i]["entce_rank"] = rank
+    report = {
+        "format": REPORT_FORMAT,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"dir": str(model.model_dir), "source": model.manifest.source,
+                  "sha256": model.manifest.model_sha256, "device": getattr(model, "device", None)},
+        "judge": judge,
+        "corpus": {"files": corpus.describe(), "tokens": int(len(corpus.tokens))},
+        "settings": {**asdict(s), "methods": [n for n, _ in parsed]},
+        "buckets": {"edges": curve["edges"], "centers": curve["centers"]},
+        "human": human_row,
+        "methods": rows,
+        "positions": [int(p) for p in positions],
+    }
+    return json_safe(report)
