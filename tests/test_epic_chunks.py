@@ -91,3 +91,28 @@ def test_trees_in_the_cache_room_spread_wide_rows_over_calls(tiny_llama, monkeyp
     assert report.agreement >= 0.95, report
     assert max(chunks) > 1  # some rounds were split
     assert report.calls_b > report.calls_a
+
+
+def test_a_round_too_wide_for_the_logits_budget_is_cut_into_calls(tiny_llama, monkeypatch):
+    """A round whose lookahead logits would pass the budget runs as several calls, each within it,
+    every row's best candidates first: the same choices, more calls."""
+    cap_rows = 6
+    monkeypatch.setattr(tree, "LOGITS_BUDGET_BYTES", cap_rows * 4 * tiny_llama.vocab_size * CFG.rollouts)
+    assert tree.logits_cap(tiny_llama, CFG.rollouts) == max(tree.MIN_TREE_CANDIDATES, cap_rows)
+    sizes = []
+    real = tree.tree_calls
+
+    def spy(model, cache, parents, tree_tokens, rollouts=2):
+        calls = real(model, cache, parents, tree_tokens, rollouts)
+        assert sorted(np.concatenate(calls).tolist()) == list(range(len(parents)))
+        sizes.extend(idx.size for idx in calls)
+        assert len(calls) == -(-len(parents) // tree.logits_cap(model, rollouts))  # as few as the budget allows
+        return calls
+
+    monkeypatch.setattr("epic_ort.epic.chooser.tree_calls", spy)
+    unlimited = _chooser(run_ahead=False)
+    unlimited._calls = lambda model, cache, parents: [np.arange(len(parents))]  # one call a round, however wide
+    report = step_agreement(tiny_llama, unlimited, _chooser(run_ahead=False), PROMPTS, CFG, num_samples=2)
+    assert report.agreement >= 0.95, report
+    assert max(sizes) <= tree.logits_cap(tiny_llama, CFG.rollouts) and len(sizes) > report.steps
+    assert report.calls_b > report.calls_a

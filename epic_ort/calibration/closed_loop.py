@@ -53,9 +53,13 @@ class ClosedLoopSettings:
     horizon: int = 4
     rollouts: int = 2
     seed: int = 0
-    # starting gains, in knob units per nat of surprisal gap; Kesten's rule halves them at each crossing
+    # starting gains, in knob units per nat of surprisal gap; Kesten's rule halves them at each crossing.
+    # A step moves the knob by at most max_step: a swing to a large alpha would make EPIC's rounds wide
+    # (its cost grows fast with alpha) long before the gain could settle.
     alpha_gain: float = 0.5
     temperature_gain: float = 0.5
+    alpha_max_step: float = 0.02
+    temperature_max_step: float = 0.05  # of log T
     smoothing: float = 0.9  # EMA weight of the past in the gap whose sign changes halve the gain
 
 
@@ -69,6 +73,7 @@ class Controller:
     low: float
     high: float
     smoothing: float = 0.7
+    max_step: float = float("inf")
     smoothed: float | None = None  # EMA of the gap
     trace: list[float] = field(default_factory=list)  # theta before each step
     min_gain_share: float = 1 / 16
@@ -79,7 +84,8 @@ class Controller:
         self.smoothed = gap if before is None else self.smoothing * before + (1 - self.smoothing) * gap
         if before is not None and np.sign(self.smoothed) != np.sign(before):
             self.gain = max(self.gain / 2, self.min_gain_share * self._gain0)
-        self.theta = float(np.clip(self.theta + self.sign * self.gain * gap, self.low, self.high))
+        step = float(np.clip(self.sign * self.gain * gap, -self.max_step, self.max_step))
+        self.theta = float(np.clip(self.theta + step, self.low, self.high))
 
     def __post_init__(self) -> None:
         self._gain0 = self.gain
@@ -111,6 +117,8 @@ class SteeredChooser:
         surprisal = -logq[np.arange(len(rows)), result.tokens].astype(np.float64)
         self.controller.update(float(surprisal.mean()) - self.target)
         if self.bar is not None:
+            value = self.controller.theta if self.knob == "alpha" else math.exp(self.controller.theta)
+            self.bar.set_postfix_str(f"{self.knob}={value:.4f} gap={self.controller.smoothed:+.3f}", refresh=False)
             self.bar.update(len(rows))
         return result
 
@@ -130,9 +138,10 @@ def fit_knob(model: CausalLM, contexts: list[list[int]], target: float, knob: st
     if knob not in KNOBS:
         raise ValueError(f"knob must be one of {KNOBS}")
     if knob == "alpha":
-        controller = Controller(0.0, s.alpha_gain, +1.0, -2.0, 2.0, s.smoothing)
+        controller = Controller(0.0, s.alpha_gain, +1.0, -2.0, 2.0, s.smoothing, s.alpha_max_step)
     else:
-        controller = Controller(0.0, s.temperature_gain, -1.0, math.log(0.2), math.log(5.0), s.smoothing)
+        controller = Controller(0.0, s.temperature_gain, -1.0, math.log(0.2), math.log(5.0), s.smoothing,
+                                s.temperature_max_step)
     bar = progress(total=s.passes * len(contexts) * s.new_tokens, desc=f"calibrating {knob} (EntCE)", unit="tok",
                    enable=show_progress)
     chooser = SteeredChooser(knob, controller, target, s.horizon, s.rollouts, bar)

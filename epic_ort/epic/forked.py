@@ -12,6 +12,7 @@ import numpy as np
 from ..runtime.cache import KVCache
 from ..runtime.model import CausalLM
 from .run_ahead import Given
+from .tree import logits_cap
 
 
 class ForkedRows:
@@ -53,6 +54,7 @@ def forked_calls(model: CausalLM, cache: KVCache, parents: np.ndarray, horizon: 
     itemsize = np.dtype(spec.kv_dtype).itemsize
     per_row = 2 * spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * itemsize * (cache.length + horizon)
     cap = max(1, int(kv_budget_bytes // (per_row * rollouts)))  # past + present, R rows per candidate
+    cap = min(cap, logits_cap(model, rollouts))
     n = parents.size
     starts = [0]
     count = 0
