@@ -107,13 +107,15 @@ def generate(
     chooser: TokenChooser | None = None,
     on_token: OnToken | None = None,
     prompt_indices: Sequence[int] | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> Iterator[Sample]:
     """Decode every prompt `num_samples` times; yield each sample as soon as it finishes.
 
     With the same `config.seed`, a sample's tokens depend only on its prompt and its
     (prompt_index, sample_index), not on the batch size. `prompt_indices` gives each prompt's
     prompt_index (default 0, 1, ...): a run resumed on the prompts still missing keeps their random
-    streams. alpha "auto" must be resolved first (`epic_ort.resolve_alpha`).
+    streams. alpha "auto" must be resolved first (`epic_ort.resolve_alpha`). `on_step(n)` is called
+    after every decoding step with the number of rows that took a token (progress bars).
     """
     config = config or GenerationConfig()
     config.validate()
@@ -136,7 +138,7 @@ def generate(
     for start in range(0, len(jobs), batch_size):
         rows = [Row(indices[j], s, list(prompt_ids[j]), sample_rng(config.seed, indices[j], s))
                 for j, s in jobs[start:start + batch_size]]
-        yield from _decode_batch(model, rows, config, processors, chooser, on_token)
+        yield from _decode_batch(model, rows, config, processors, chooser, on_token, on_step)
 
 
 def _prefill_rows(model: CausalLM, rows: Sequence[Row], room: int) -> tuple[np.ndarray, KVCache]:
@@ -179,7 +181,8 @@ class _Stops:
 
 
 def _decode_batch(model: CausalLM, rows: list[Row], config: GenerationConfig, processors: ProcessorList,
-                  chooser: TokenChooser, on_token: OnToken | None) -> Iterator[Sample]:
+                  chooser: TokenChooser, on_token: OnToken | None, on_step: Callable[[int], None] | None = None
+                  ) -> Iterator[Sample]:
     t0 = time.perf_counter()
     prompt = max(len(r.prompt_ids) for r in rows)
     longest = min(prompt + config.max_new_tokens, model.max_positions)
@@ -196,6 +199,8 @@ def _decode_batch(model: CausalLM, rows: list[Row], config: GenerationConfig, pr
     while active:
         history = np.array([r.generated for r in active], dtype=np.int64).reshape(len(active), -1)
         result = chooser.choose(model, active, logits, processors.apply(logits, history), cache)
+        if on_step is not None:
+            on_step(len(active))
         keep = []
         for j, (r, tok) in enumerate(zip(active, result.tokens.tolist())):
             reason = _record(model, r, int(tok), result, j, stops)

@@ -119,7 +119,6 @@ class SteeredChooser:
         if self.bar is not None:
             value = self.controller.theta if self.knob == "alpha" else math.exp(self.controller.theta)
             self.bar.set_postfix_str(f"{self.knob}={value:.4f} gap={self.controller.smoothed:+.3f}", refresh=False)
-            self.bar.update(len(rows))
         return result
 
 
@@ -150,7 +149,8 @@ def fit_knob(model: CausalLM, contexts: list[list[int]], target: float, knob: st
         for p in range(s.passes):
             start = len(controller.trace)
             config = GenerationConfig(max_new_tokens=s.new_tokens, seed=s.seed * 1000 + p + 1)
-            last = list(generate(model, prompt_ids=contexts, config=config, batch_size=s.batch_size, chooser=chooser))
+            last = list(generate(model, prompt_ids=contexts, config=config, batch_size=s.batch_size, chooser=chooser,
+                                 on_step=bar.update))
     finally:
         bar.close()
     tail = np.asarray(controller.trace[start:] + [controller.theta])

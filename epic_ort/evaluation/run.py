@@ -81,8 +81,8 @@ def evaluate(model: CausalLM, corpus_paths: Sequence[str | os.PathLike] | None =
     stores = {"human": MethodStore(out_dir, "human", base_key)}
     stores.update({name: MethodStore(out_dir, name, {**base_key, "config": asdict(resolved[name]), "seed": s.seed})
                    for name, _ in parsed})
-    rows = len(stores) * (2 if judge_ else 1)
-    bar = progress(total=rows * s.prompts, desc="evaluate", unit="passage", enable=show_progress)
+    rows = len(stores) * (2 if judge_ else 1)  # human, the methods, and each judged again
+    bar = progress(total=rows * s.prompts * s.max_new_tokens, desc="evaluate", unit="tok", enable=show_progress)
     results: dict[str, Scored] = {}
     try:
         bar.set_description("evaluate human")
@@ -141,7 +141,7 @@ def _resolve_auto(model: CausalLM, parsed: list[Method], s: EvaluationSettings, 
 
 def _human(model: CausalLM, p: _Passages, store: MethodStore, s: EvaluationSettings, bar: Any) -> Scored:
     done = store.load()
-    bar.update(len(done))
+    bar.update(len(done) * s.max_new_tokens)
     missing = [i for i in range(s.prompts) if i not in done]
     try:
         for start in range(0, len(missing), s.batch_size):
@@ -149,7 +149,7 @@ def _human(model: CausalLM, p: _Passages, store: MethodStore, s: EvaluationSetti
             for rec in _score(model, p, idx, [p.human[i] for i in idx], ["human"] * len(idx), s, 0.0):
                 done[rec.index] = rec
                 store.append(rec)
-            bar.update(len(idx))
+            bar.update(len(idx) * s.max_new_tokens)
     finally:
         store.close()
     return _scored(done, s.prompts)
@@ -159,7 +159,7 @@ def _method(model: CausalLM, p: _Passages, config: GenerationConfig, store: Meth
             bar: Any) -> Scored:
     """Generate the passages still missing, scoring (and storing) each batch as it completes."""
     done = store.load()
-    bar.update(len(done))
+    bar.update(len(done) * s.max_new_tokens)
     missing = [i for i in range(s.prompts) if i not in done]
     pending: list[Any] = []
     t0 = time.perf_counter()
@@ -171,12 +171,13 @@ def _method(model: CausalLM, p: _Passages, config: GenerationConfig, store: Meth
                           seconds):
             done[rec.index] = rec
             store.append(rec)
-        bar.update(len(pending))
+        # the tokens a sample did not take (it ended early) count as done
+        bar.update(sum(s.max_new_tokens - len(x.token_ids) for x in pending))
         pending.clear()
 
     try:
         for sample in generate(model, prompt_ids=[p.prompts[i] for i in missing], prompt_indices=missing,
-                               config=config, batch_size=s.batch_size):
+                               config=config, batch_size=s.batch_size, on_step=bar.update):
             pending.append(sample)
             if len(pending) >= s.batch_size:
                 flush()
@@ -201,7 +202,7 @@ def _judged(model: CausalLM, p: _Passages, scored: Scored, judge: Judge, store: 
             bar: Any) -> list[np.ndarray]:
     """The judge's log loss on each passage's continuation text (cached like the generations)."""
     done = {i: np.asarray(obj["nll"], dtype=np.float64) for i, obj in store.load().items()}
-    bar.update(len(done))
+    bar.update(len(done) * s.max_new_tokens)
     missing = [i for i in range(s.prompts) if i not in done]
     eos = set(model.eos_token_ids)
     try:
@@ -211,7 +212,7 @@ def _judged(model: CausalLM, p: _Passages, scored: Scored, judge: Judge, store: 
             for i, nll in zip(idx, judge.log_losses([model.decode(p.prompts[i]) for i in idx], texts)):
                 done[i] = np.round(nll, 6)
                 store.append({"index": i, "nll": rounded(nll)})
-            bar.update(len(idx))
+            bar.update(len(idx) * s.max_new_tokens)
     finally:
         store.close()
     return [done[i] for i in range(s.prompts)]
