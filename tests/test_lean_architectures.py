@@ -188,6 +188,6 @@ def test_table_and_compatibility_module():
     assert (llama_graph.OPSET, llama_graph.MS_DOMAIN, llama_graph.MASKED_SCORE) == (23, "com.microsoft", -1e30)
     from epic_ort.export.lean.layers import ACTIVATIONS
 
-    assert set(ARCHITECTURES) == {"llama", "mistral", "qwen2", "qwen3", "gemma"}
+    assert set(ARCHITECTURES) == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text"}
     assert ARCHITECTURES["qwen3"].qk_norm and not ARCHITECTURES["qwen2"].qk_norm
     assert all(set(a.activations) <= set(ACTIVATIONS) for a in ARCHITECTURES.values())

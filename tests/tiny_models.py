@@ -122,3 +122,39 @@ def build_decoder_model(kind: str, folder: Path, seed: int = 0, q4_1: bool = Fal
         quantize_linears_q4_1(model)
     model.save_pretrained(str(folder))
     return model
+
+
+def build_gemma3_model(folder: Path, seed: int = 0, q4_1: bool = False, **config):
+    """A tiny random Gemma 3 text model (Gemma3ForCausalLM) saved to `folder` with the test
+    tokenizer: sliding-window layers (window 8) between full ones (sliding, sliding, full, sliding),
+    each kind with its own rotary base, q/k norms, sandwich norms, a query scale that is not
+    head_dim's, a tied lm_head. Every norm weight is random (Gemma scales by 1 + w, and
+    transformers initializes w to 0, which would hide a norm the graph forgot); eager attention,
+    the implementation that honours attn_logit_softcapping. `config` overrides."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    _, vocab = build_tokenizer(folder)
+    torch.manual_seed(seed)
+    base = dict(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+        pad_token_id=2, initializer_range=0.3, sliding_window=8, query_pre_attn_scalar=24, rope_theta=1e6,
+        rope_local_base_freq=1e4, tie_word_embeddings=True,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+    )
+    base.update(config)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(**base, attn_implementation="eager"))
+    model.eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+            elif "norm" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    if q4_1:
+        quantize_linears_q4_1(model)
+    model.save_pretrained(str(folder))
+    return model

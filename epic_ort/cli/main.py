@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from ..errors import EpicOrtError
-from ..export.exporter import alias_names
+from ..export.sources import alias_names
 from .evaluate import calibrate, evaluate
 from .generate import generate
 

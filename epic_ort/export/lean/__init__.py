@@ -1,5 +1,5 @@
 """A lean, hand-built ONNX graph for decoder-only models of the Llama recipe (Llama, Mistral,
-Qwen2/2.5, Qwen3, Gemma: architectures.py lists them and what sets them apart).
+Qwen2/2.5, Qwen3, Gemma, Gemma 3: architectures.py lists them and what sets them apart).
 
 Optimum's export traces the PyTorch code and leaves ~100 small shape ops per layer
 (Shape/Gather/Unsqueeze/Concat/Expand/Where ...) that ONNX Runtime executes on every decoding
@@ -29,6 +29,10 @@ Two inputs of its own:
     tree_mask       bool [batch_size or 1, sequence_length or 1, past_length + sequence_length or 1]:
                     which keys each new token may see, on top of padding and causality. [1, 1, 1]
                     True is ordinary decoding; EPIC's lookahead runs a token tree through it.
+
+Sliding-window layers (Gemma 3's) see the keys within their window of each query's position. The
+window is counted over the keys a query sees (prelude._window_bias), which is the position
+distance both in left-padded rows and in token trees: no input carries key positions.
 
 `epic_ort.runtime` runs both graphs, and their KV caches are interchangeable (keys are stored
 after rotary, as in transformers).

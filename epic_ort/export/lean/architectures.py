@@ -1,7 +1,9 @@
 """Which transformers models the lean graph can write, and how each one differs from Llama.
 
 The lean graph is one decoder recipe (RMSNorm, rotary attention with GroupQueryAttention, a gated
-MLP); architectures differ in where their weights live and in a handful of switches. Each
+MLP); architectures differ in where their weights live and in a handful of switches (Gemma 3 has
+the most: sandwich norms, q/k norms, sliding-window layers with their own rotary base, a query
+scale of its own). Each
 supported `model_type` is one `Architecture` entry in ARCHITECTURES: adding a model that fits the
 recipe is an entry (plus a check for whatever its config can switch on that the graph lacks).
 `supports()` is the single place that decides, so `--graph auto` and `--graph lean` agree.
@@ -28,6 +30,8 @@ class WeightNames:
     layer: str = "model.layers.{i}."
     input_norm: str = "input_layernorm.weight"
     pre_mlp_norm: str = "post_attention_layernorm.weight"
+    post_attn_norm: str | None = None  # Gemma 3's sandwich norms: on the attention output, before the residual
+    post_mlp_norm: str | None = None  # ... and on the MLP output
     q: str = "self_attn.q_proj"
     k: str = "self_attn.k_proj"
     v: str = "self_attn.v_proj"
@@ -52,6 +56,14 @@ def _no_window(config: Any, layer: int) -> int | None:
     return None
 
 
+def _no_value(config: Any) -> float | None:
+    return None
+
+
+def _no_caps(config: Any) -> tuple[float | None, float | None]:
+    return None, None
+
+
 @dataclass(frozen=True)
 class Architecture:
     """How one model_type maps onto the lean recipe.
@@ -63,7 +75,16 @@ class Architecture:
     embedding_scale: config -> the factor on the input embeddings (Gemma: sqrt(hidden_size)), or
         None; a tied lm_head still reads the unscaled matrix.
     sliding_window: (config, layer) -> the key window that layer's attention uses, or None.
-        The graph attends to every key, so supports() refuses a window shorter than the context.
+    windowed: the graph applies those windows (prelude.py: in the attention bias, by position, so
+        that they also hold in EPIC's token trees). Without it the graph attends to every key and
+        supports() refuses a window shorter than the context.
+    activation_key: the config attribute naming the MLP activation (Gemma 3: hidden_activation).
+    attention_scale: config -> the factor on q.k (Gemma 3: query_pre_attn_scalar ** -0.5); None is
+        head_dim ** -0.5.
+    local_rope_base: config -> the rotary base of the sliding-window layers when it differs from
+        rope_theta (Gemma 3: rope_local_base_freq), or None.
+    softcapping: config -> (attention score cap, final logit cap), each None when off: scores
+        become cap * tanh(score / cap) (Gemma 2/3's attn_logit_softcapping, final_logit_softcapping).
     checks: what else the config must satisfy, beyond COMMON_CHECKS."""
 
     model_type: str
@@ -75,7 +96,25 @@ class Architecture:
     norm_offset: float = 0.0
     embedding_scale: Callable[[Any], float] | None = None
     sliding_window: Callable[[Any, int], int | None] = _no_window
+    windowed: bool = False
+    activation_key: str = "hidden_act"
+    attention_scale: Callable[[Any], float | None] = _no_value
+    local_rope_base: Callable[[Any], float | None] = _no_value
+    softcapping: Callable[[Any], tuple[float | None, float | None]] = _no_caps
     checks: tuple[Check, ...] = ()
+
+    def activation(self, config: Any) -> str:
+        return getattr(config, self.activation_key, None) or self.activations[0]
+
+    def windows(self, config: Any) -> tuple[int | None, ...]:
+        """Each layer's key window, None where it attends to the whole context (a window that
+        covers max_position_embeddings is none)."""
+        context = int(config.max_position_embeddings)
+        out = []
+        for layer in range(int(config.num_hidden_layers)):
+            w = self.sliding_window(config, layer)
+            out.append(int(w) if w is not None and w < context else None)
+        return tuple(out)
 
 
 def head_dim(config: Any) -> int:
@@ -187,6 +226,52 @@ def _sqrt_hidden(config: Any) -> float:
     return float(config.hidden_size) ** 0.5
 
 
+def _gemma3_window(config: Any, layer: int) -> int | None:
+    """As transformers' Gemma3Attention: the window of layers typed "sliding_attention" (configs
+    without layer_types: every layer but each sliding_window_pattern-th)."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types:
+        sliding = types[layer] == "sliding_attention"
+    else:
+        pattern = getattr(config, "sliding_window_pattern", None) or getattr(config, "_sliding_window_pattern", 6)
+        sliding = bool((layer + 1) % pattern)
+    return window if sliding else None
+
+
+def _query_pre_attn_scalar(config: Any) -> float:
+    return float(config.query_pre_attn_scalar) ** -0.5
+
+
+def _rope_local_base(config: Any) -> float | None:
+    return getattr(config, "rope_local_base_freq", None)
+
+
+def _softcaps(config: Any) -> tuple[float | None, float | None]:
+    return (getattr(config, "attn_logit_softcapping", None) or None,
+            getattr(config, "final_logit_softcapping", None) or None)
+
+
+def _causal(config: Any) -> str | None:
+    if getattr(config, "use_bidirectional_attention", False):
+        return "use_bidirectional_attention=True (only causal attention)"
+    return None
+
+
+def _no_gemma3_attention_cap(config: Any) -> str | None:
+    """transformers' Gemma3Attention never passes attn_logit_softcapping to its attention (4.57):
+    a config that sets it has no reference computation to match (Optimum's export traces what
+    transformers does)."""
+    if getattr(config, "attn_logit_softcapping", None):
+        return "attn_logit_softcapping is set (transformers' Gemma 3 does not apply it)"
+    return None
+
+
+GEMMA3_NAMES = WeightNames(pre_mlp_norm="pre_feedforward_layernorm.weight",
+                           post_attn_norm="post_attention_layernorm.weight",
+                           post_mlp_norm="post_feedforward_layernorm.weight")
+
+
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture("llama", checks=(_no_attention_bias,)),
     "mistral": Architecture("mistral", sliding_window=_mistral_window, checks=(_no_attention_bias,)),
@@ -195,6 +280,14 @@ ARCHITECTURES: dict[str, Architecture] = {
                           sliding_window=_qwen_window),
     "gemma": Architecture("gemma", qkv_bias=_attention_bias, o_bias=_attention_bias,
                           activations=("gelu_pytorch_tanh", "gelu"), norm_offset=1.0, embedding_scale=_sqrt_hidden),
+    # Gemma 3 (text: Gemma3ForCausalLM, what its GGUF files load as): sandwich norms, q/k norms,
+    # sliding-window layers with their own rotary base, query_pre_attn_scalar, optional soft-capping
+    "gemma3_text": Architecture("gemma3_text", names=GEMMA3_NAMES, qkv_bias=_attention_bias, o_bias=_attention_bias,
+                                qk_norm=True, activations=("gelu_pytorch_tanh", "gelu"),
+                                activation_key="hidden_activation", norm_offset=1.0, embedding_scale=_sqrt_hidden,
+                                sliding_window=_gemma3_window, windowed=True, attention_scale=_query_pre_attn_scalar,
+                                local_rope_base=_rope_local_base, softcapping=_softcaps,
+                                checks=(_causal, _no_gemma3_attention_cap)),
 }
 
 
@@ -210,16 +303,16 @@ def supports(config: Any) -> str | None:
     if kind not in ARCHITECTURES:
         return f"model_type {kind!r} is not one the lean graph writes ({', '.join(sorted(ARCHITECTURES))})"
     arch = ARCHITECTURES[kind]
-    act = getattr(config, "hidden_act", arch.activations[0])
+    act = arch.activation(config)
     if act not in arch.activations:
         return f"hidden_act {act!r} (only {', '.join(arch.activations)})"
     for check in arch.checks + COMMON_CHECKS:
         why = check(config)
         if why:
             return why
-    context = config.max_position_embeddings
-    for layer in range(int(config.num_hidden_layers)):
-        window = arch.sliding_window(config, layer)
-        if window is not None and window < context:
+    if not arch.windowed:
+        context = config.max_position_embeddings
+        window = next((w for w in arch.windows(config) if w is not None), None)
+        if window is not None:
             return f"sliding_window={window} is smaller than the context ({context})"
     return None

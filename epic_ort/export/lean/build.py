@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 
 from .architectures import Dims, architecture_of, supports
-from .graph import OPSET, GraphBuilder, save
+from .graph import OPSET, GraphBuilder, check, save
 from .layers import Layers, declare_io, decoder_layer, embed, lm_head, skip_norm
-from .prelude import build_prelude, inv_freq
+from .prelude import build_prelude, inv_freqs
 from .projection import Projector
 
 from ...runtime.graph import KV_CACHE_KEY, KV_CACHE_SHARED  # the runtime's metadata contract
@@ -22,7 +22,7 @@ def build_lean_onnx(hf_model: Any, path: Path, opset: int = OPSET, pack_weights:
     text-generation-with-past export plus logits_index and tree_mask.
 
     Weights go into the file itself, or into `path.name + ".data"` beside it when they would pass
-    protobuf's 2 GB limit. The result is checked with onnx.checker.
+    protobuf's 2 GB limit. The graph is checked with onnx.checker before it is written.
 
     pack_weights: keep weights that are exactly 4-bit blocks as 4-bit (lossless, see packing.py).
     Returns how many products were packed."""
@@ -41,12 +41,18 @@ def build_lean_onnx(hf_model: Any, path: Path, opset: int = OPSET, pack_weights:
     names = arch.names
     dims = Dims.of(config, w[names.embed].shape)
     g = GraphBuilder()
+    windows = arch.windows(config) if arch.windowed else ()
+    attention_cap, logit_cap = arch.softcapping(config)
     b = Layers(g, w, arch, dims, qkv_bias=arch.qkv_bias(config), o_bias=arch.o_bias(config),
-               activation=getattr(config, "hidden_act", arch.activations[0]),
+               activation=arch.activation(config),
                embedding_scale=arch.embedding_scale(config) if arch.embedding_scale else None,
-               project=Projector(g, w, pack_weights))
+               project=Projector(g, w, pack_weights), attention_scale=arch.attention_scale(config),
+               windows=windows, attention_softcap=attention_cap, logit_softcap=logit_cap)
 
-    pre = build_prelude(g, dims, inv_freq(hf_model, config, dims.head_dim))
+    local_base = arch.local_rope_base(config) if any(x is not None for x in windows) else None
+    if local_base is not None and float(local_base) == float(getattr(config, "rope_theta", 10000.0)):
+        local_base = None  # the same tables serve both kinds of layers
+    pre = build_prelude(g, dims, inv_freqs(hf_model, config, dims.head_dim, local_base), windows)
     normed, h = embed(b)
     for i in range(dims.layers):
         out, h = decoder_layer(b, pre, i, normed, h)
@@ -57,8 +63,8 @@ def build_lean_onnx(hf_model: Any, path: Path, opset: int = OPSET, pack_weights:
 
     inputs, outputs = declare_io(dims)
     model = g.model(f"epic_ort_lean_{arch.model_type}", inputs, outputs, opset, {KV_CACHE_KEY: KV_CACHE_SHARED})
+    check(model, g.weights)
     save(model, g.weights, path)
-    onnx.checker.check_model(str(path))
     return b.project.packed
 
 

@@ -7,10 +7,13 @@ A layer (opset 23):
     GroupQueryAttention (com.microsoft) on the packed q|k|v: rotary of q and k at position_ids
                (heads narrower than 16, or a per-head q/k norm, get Split first; narrow heads also
                RotaryEmbedding nodes), then attention with the prelude's additive bias
-    MatMul o (+ Add bias) -> SkipSimplifiedLayerNormalization
+    MatMul o (+ Add bias) (-> RMSNormalization: Gemma 3's post-attention norm) -> SkipSimplifiedLayerNormalization
     MatMul [gate|up] -> Split -> Sigmoid -> Mul (SiLU; or one Gelu) -> Mul -> MatMul down
+               (-> RMSNormalization: Gemma 3's post-feedforward norm)
 
 The residual add after the MLP is fused into the next layer's input norm (or the final norm).
+Sliding-window layers read their window's attention bias and, where the model has one, their
+own rotary tables (prelude.py).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 
 from .architectures import Architecture, Dims
 from .graph import BATCH, CAPACITY, LOGITS, MS_DOMAIN, PRESENT, SEQ, TOTAL, GraphBuilder
-from .prelude import Prelude
+from .prelude import GLOBAL, LOCAL, Prelude
 from .projection import Projector
 
 _FLOAT, _INT64, _BOOL = 1, 7, 9  # onnx.TensorProto element types
@@ -34,7 +37,8 @@ ACTIVATIONS = {"silu": None, "gelu": "none", "gelu_pytorch_tanh": "tanh"}
 class Layers:
     """What every builder below reads: the graph being written, the model's weights as NumPy
     arrays, its table entry and sizes, the options its config settles (q/k/v and o biases, the
-    MLP activation, the embedding scale), and the products."""
+    MLP activation, the embedding scale, the attention scale, each layer's window, the
+    soft-caps), and the products."""
 
     g: GraphBuilder
     w: dict[str, np.ndarray]
@@ -45,6 +49,13 @@ class Layers:
     activation: str
     embedding_scale: float | None
     project: Projector
+    attention_scale: float | None = None
+    windows: tuple[int | None, ...] = ()
+    attention_softcap: float | None = None
+    logit_softcap: float | None = None
+
+    def window(self, i: int) -> int | None:
+        return self.windows[i] if self.windows else None
 
     def weight(self, name: str) -> str:
         """The state-dict tensor `name` as an initializer of the same name."""
@@ -67,6 +78,12 @@ def embed(b: Layers) -> tuple[str, str]:
     return b.g.op("RMSNormalization", "layers.0/input_norm", [h, gamma], [bse], axis=-1, epsilon=d.eps), h
 
 
+def rms_norm(b: Layers, name: str, x: str, gamma: str) -> str:
+    """RMSNorm(x) on its own (Gemma 3's norms of the attention and MLP outputs)."""
+    bse = [BATCH, SEQ, b.dims.hidden]
+    return b.g.op("RMSNormalization", name, [x, b.norm_weight(gamma)], [bse], axis=-1, epsilon=b.dims.eps)
+
+
 def skip_norm(b: Layers, name: str, x: str, residual: str, gamma: str) -> tuple[str, str]:
     """(RMSNorm(x + residual), x + residual) in one node."""
     bse = [BATCH, SEQ, b.dims.hidden]
@@ -83,8 +100,13 @@ def decoder_layer(b: Layers, pre: Prelude, i: int, normed: str, h: str) -> tuple
     o_bias = [names.of_layer(i, names.o + ".bias")] if b.o_bias else None
     o = b.project(f"layers.{i}/o_proj", attn, [names.of_layer(i, names.o + ".weight")],
                   names.of_layer(i, names.o + ".weight"), o_bias)
+    if names.post_attn_norm:
+        o = rms_norm(b, f"layers.{i}/attention_out_norm", o, names.of_layer(i, names.post_attn_norm))
     normed, h = skip_norm(b, f"layers.{i}/post_attention_norm", o, h, names.of_layer(i, names.pre_mlp_norm))
-    return mlp(b, i, normed), h
+    out = mlp(b, i, normed)
+    if names.post_mlp_norm:
+        out = rms_norm(b, f"layers.{i}/mlp_out_norm", out, names.of_layer(i, names.post_mlp_norm))
+    return out, h
 
 
 def attention(b: Layers, pre: Prelude, i: int, normed: str) -> str:
@@ -92,6 +114,8 @@ def attention(b: Layers, pre: Prelude, i: int, normed: str) -> str:
     rotates them itself and nothing else touches q or k: no Split and no RotaryEmbedding nodes
     run per step."""
     g, d, names, n = b.g, b.dims, b.arch.names, f"layers.{i}/"
+    window = b.window(i)
+    cos, sin = pre.rotary[LOCAL if window is not None and LOCAL in pre.rotary else GLOBAL]
     proj = [names.of_layer(i, names.q), names.of_layer(i, names.k), names.of_layer(i, names.v)]
     biases = [p + ".bias" for p in proj] if b.qkv_bias else None
     qkv = b.project(n + "qkv_proj", normed, [p + ".weight" for p in proj],
@@ -106,20 +130,23 @@ def attention(b: Layers, pre: Prelude, i: int, normed: str) -> str:
             q = head_norm(b, n + "q_norm", q, d.heads, names.of_layer(i, names.q_norm))
             k = head_norm(b, n + "k_norm", k, d.kv_heads, names.of_layer(i, names.k_norm))
         if not pre.fused_rotary:
-            q = g.op("RotaryEmbedding", n + "rotary_q", [q, pre.cos, pre.sin, "position_ids"],
+            q = g.op("RotaryEmbedding", n + "rotary_q", [q, cos, sin, "position_ids"],
                      [[BATCH, SEQ, d.q_size]], num_heads=d.heads)
-            k = g.op("RotaryEmbedding", n + "rotary_k", [k, pre.cos, pre.sin, "position_ids"],
+            k = g.op("RotaryEmbedding", n + "rotary_k", [k, cos, sin, "position_ids"],
                      [[BATCH, SEQ, d.kv_size]], num_heads=d.kv_heads)
         qkv_in = [q, k, v]
-    rotary_in = [pre.cos, pre.sin, "position_ids"] if pre.fused_rotary else ["", "", ""]
+    rotary_in = [cos, sin, "position_ids"] if pre.fused_rotary else ["", "", ""]
     kv_shape = [BATCH, d.kv_heads, PRESENT, d.head_dim]
+    scale = b.attention_scale if b.attention_scale is not None else float(d.head_dim) ** -0.5
+    # GroupQueryAttention caps the scaled scores before adding the bias, as transformers does
+    capping = {"softcap": float(b.attention_softcap)} if b.attention_softcap else {}
     return g.op("GroupQueryAttention", n + "attention",
                 [*qkv_in, f"past_key_values.{i}.key", f"past_key_values.{i}.value", pre.seqlens_k, pre.total_len,
-                 *rotary_in, pre.bias, "", "", "", "", "", pre.query_lens],
+                 *rotary_in, pre.bias_for(window), "", "", "", "", "", pre.query_lens],
                 [[BATCH, SEQ, d.q_size], kv_shape, kv_shape],
                 outputs=[n + "attention/out0", f"present.{i}.key", f"present.{i}.value"], domain=MS_DOMAIN,
-                num_heads=d.heads, kv_num_heads=d.kv_heads, scale=float(d.head_dim) ** -0.5,
-                do_rotary=int(pre.fused_rotary))[0]
+                num_heads=d.heads, kv_num_heads=d.kv_heads, scale=float(scale), do_rotary=int(pre.fused_rotary),
+                **capping)[0]
 
 
 def head_norm(b: Layers, name: str, x: str, heads: int, gamma: str) -> str:
@@ -160,12 +187,18 @@ def lm_head(b: Layers, normed: str, tied: bool) -> None:
     flat = g.op("Reshape", "lm_head/flatten", [normed, g.const("lm_head/rows_hidden", [-1, d.hidden], np.int64)],
                 [[f"{BATCH} * {SEQ}", d.hidden]])
     picked = g.op("Gather", "lm_head/pick", [flat, "logits_index"], [[LOGITS, d.hidden]], axis=0)
+    out = "lm_head/uncapped" if b.logit_softcap else "logits"
     if tied:
-        g.op("FusedMatMul", "lm_head", [picked, names.embed], [[LOGITS, d.vocab]], outputs=["logits"],
+        g.op("FusedMatMul", "lm_head", [picked, names.embed], [[LOGITS, d.vocab]], outputs=[out],
              domain=MS_DOMAIN, transA=0, transB=1, alpha=1.0)
     else:
         g.op("MatMul", "lm_head", [picked, g.const(names.lm_head, b.w[names.lm_head].T)], [[LOGITS, d.vocab]],
-             outputs=["logits"])
+             outputs=[out])
+    if b.logit_softcap:  # cap * tanh(logits / cap), as transformers' final_logit_softcapping
+        cap = g.const("lm_head/softcap", b.logit_softcap, np.float32)
+        scaled = g.op("Div", "lm_head/softcap_div", [out, cap], [[LOGITS, d.vocab]])
+        capped = g.op("Tanh", "lm_head/softcap_tanh", [scaled], [[LOGITS, d.vocab]])
+        g.op("Mul", "lm_head/softcap_mul", [capped, cap], [[LOGITS, d.vocab]], outputs=["logits"])
 
 
 def declare_io(dims: Dims) -> tuple[list[Any], list[Any]]:

@@ -1,6 +1,7 @@
 """The lean graph's products x @ W.T (+ b): float32 MatMul, or exact 4-bit blocks.
 
-A weight that is exactly 4-bit blocks (a Q4_1 GGUF's, as SmolLM2's) stays 4-bit: its product
+A weight that is exactly 4-bit blocks (a Q4_1 GGUF's, as SmolLM2's, or Q4_K's, as Gemma 3 Q4_K_M's
+o_proj and half of its down_proj) stays 4-bit: its product
 becomes MatMulNBits (float32 arithmetic) plus the blocks' offsets (ReduceSum, a small MatMul,
 Add); packing.py says why this is lossless. A bias is one Add after either.
 """
