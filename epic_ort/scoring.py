@@ -51,18 +51,23 @@ def score_continuations(
     if not rows:
         return out
     width = max(len(p) + len(c) - 1 for _, p, c in rows)
-    vocab = int(model.vocab_size)
-    per_forward = max(1, min(int(batch_size), LOGITS_BUDGET_BYTES // max(1, width * vocab * 4)))
+    # only the continuation positions reach the lm_head (graphs that take logits_index; others compute all)
+    scored_positions = max(len(c) for _, _, c in rows) if model.spec.logits_index else width
+    per_forward = max(1, min(int(batch_size), LOGITS_BUDGET_BYTES // max(1, scored_positions * int(model.vocab_size) * 4)))
     pad = model.manifest.pad_token_id or 0
     for start in range(0, len(rows), per_forward):
         chunk = rows[start : start + per_forward]
         ids, mask = left_pad([p + c[:-1] for _, p, c in chunk], pad_id=pad)
-        logits, _ = model.forward(ids, model.empty_cache(len(chunk)), mask, last_only=False)
         w = ids.shape[1]
-        for j, (i, p, c) in enumerate(chunk):
-            # row j's last real token sits at column w-1; its first continuation prediction is
-            # made at the prompt's last token, len(c) - 1 columns earlier
-            row_logits = logits[j, w - len(c) : w]
+        # row j's last real token sits at column w-1; its first continuation prediction is made at
+        # the prompt's last token, len(c) - 1 columns earlier
+        at_rows = np.concatenate([np.full(len(c), j) for j, (_, _, c) in enumerate(chunk)])
+        at_cols = np.concatenate([np.arange(w - len(c), w) for _, _, c in chunk])
+        logits, _ = model.forward(ids, model.empty_cache(len(chunk)), mask, logits_at=(at_rows, at_cols))
+        at = 0
+        for i, _, c in chunk:
+            row_logits = logits[at:at + len(c)]
+            at += len(c)
             h = entropy(row_logits)
             logq = log_softmax(row_logits.astype(np.float64))
             nll = -logq[np.arange(len(c)), np.asarray(c, dtype=np.int64)]
