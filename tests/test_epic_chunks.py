@@ -73,8 +73,8 @@ def test_trees_in_the_cache_room_spread_wide_rows_over_calls(tiny_llama, monkeyp
     chunks = []
     real = tree.tree_calls
 
-    def spy(model, cache, parents, tree_tokens):
-        calls = real(model, cache, parents, tree_tokens)
+    def spy(model, cache, parents, tree_tokens, rollouts=2):
+        calls = real(model, cache, parents, tree_tokens, rollouts)
         fits = (cache.capacity - cache.length) // tree_tokens
         assert sorted(np.concatenate(calls).tolist()) == list(range(len(parents)))  # each candidate once
         assert len(calls) == 1 or len(calls) == -(-np.bincount(parents).max() // fits)  # as few as needed

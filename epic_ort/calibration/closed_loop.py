@@ -31,7 +31,6 @@ import numpy as np
 from ..chooser import PlainChooser, Row, StepResult
 from ..decoding import generate
 from ..epic.chooser import EpicChooser
-from ..epic.policies import Population
 from ..scoring import pooled_mean, score_continuations
 from ..progress import progress
 from ..runtime.cache import KVCache
@@ -100,7 +99,6 @@ class SteeredChooser:
                  bar: Any = None):
         self.knob, self.controller, self.target, self.bar = knob, controller, target, bar
         self.horizon, self.rollouts = horizon, rollouts
-        self.population = Population()
         self.scratch_positions = EpicChooser(1.0, horizon, rollouts).scratch_positions if knob == "alpha" else 0
 
     def choose(self, model: CausalLM, rows: Sequence[Row], logits: np.ndarray, scores: np.ndarray,
@@ -108,7 +106,6 @@ class SteeredChooser:
         theta = self.controller.theta
         if self.knob == "alpha":
             chooser = EpicChooser(theta, self.horizon, self.rollouts, run_ahead=False)
-            chooser.population = self.population  # what the first-block policy learned, kept across steps
             result = chooser.choose(model, rows, logits, scores, cache)
         else:
             temperature = math.exp(theta)

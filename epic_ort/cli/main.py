@@ -12,6 +12,7 @@ from ..errors import EpicOrtError
 from ..export.sources import alias_names
 from .evaluate import calibrate, evaluate
 from .generate import generate
+from .serve import serve
 
 class _Group(click.Group):
     """Turns EpicOrtError into `epic-ort: error: ...` (exit 2) and Ctrl-C into exit 130."""
@@ -80,6 +81,7 @@ def _packed_note(count: int | None) -> str:
 # -- generate ------------------------------------------------------------------------------
 
 main.add_command(generate)
+main.add_command(serve)
 
 
 # -- calibrate, evaluate ------------------------------------------------------------------

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -30,14 +30,15 @@ from ..runtime.model import CausalLM
 from ..sampling.kernels import log_softmax
 from ..sampling.processors import ProcessorList
 from ..sampling.sample import gumbel
-from .estimator import Lookahead, lookahead_entropy
+from .estimator import CandidateProcessors, Lookahead, lookahead_entropy
 from .forked import forked_calls
 from .lazy import LazySearch
-from .policies import FirstBlockPolicy, Population, RolloutPruner, RowMemory
+from .policies import FirstBlockPolicy, RolloutPruner, RowMemory
 from .run_ahead import Continuation, RunAheadPolicy
 from .tree import Branch, branch, merge_branches, tree_calls
 
 TREE_ROOM_CANDIDATES = 32  # the decoding cache keeps room for this many candidates' trees
+RowParams = Callable[[Row], tuple[float, ProcessorList]]  # a row's own (alpha, processors)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class _RowSearch:
     group: Any  # rows of one group share candidates' Ĥ (horizon 1, identical histories)
     memory: RowMemory
     first_block: int = 1
+    processors: ProcessorList | None = None  # the row's own (the chooser's, unless row_params says)
     given: Continuation | None = None  # what the step before ran ahead for this one
     winner: tuple[np.ndarray, Branch, float] | None = None  # the best's depth-0 logits, cache, h0
     evals: int = 0
@@ -71,11 +73,13 @@ class _Round:
 
 
 class EpicChooser:
-    """The EPIC chooser (see the module docstring). `run_ahead=False` leaves the core alone."""
+    """The EPIC chooser (see the module docstring). `run_ahead=False` leaves the core alone.
+    `row_params`: each row's own (alpha, processors), for rows of different settings sharing one
+    call (the serving engine); by default every row has `alpha` and `processors`."""
 
     def __init__(self, alpha: float, horizon: int = 4, rollouts: int = 2, processors: ProcessorList | None = None,
                  max_first_block: int = 64, margin: float = 0.5, kv_budget_bytes: int = 1 << 30,
-                 prune_slack: float | None = 2.5, run_ahead: bool = True):
+                 prune_slack: float | None = 2.5, run_ahead: bool = True, row_params: RowParams | None = None):
         if horizon < 1 or rollouts < 1:
             raise ValueError("horizon and rollouts must be >= 1")
         self.alpha, self.horizon, self.rollouts = float(alpha), int(horizon), int(rollouts)
@@ -83,9 +87,9 @@ class EpicChooser:
         self.kv_budget_bytes = kv_budget_bytes
         self.first_block = FirstBlockPolicy(self.horizon, max_first_block, margin)
         self.pruner = RolloutPruner(self.alpha, self.horizon, prune_slack) if prune_slack is not None else None
+        self.row_params: RowParams = row_params or (lambda row: (self.alpha, self.processors))
         self.run_ahead = RunAheadPolicy(self.alpha, self.horizon, self.rollouts, self.processors, self.first_block,
-                                        self.pruner, self.rollout_uniforms) if run_ahead else None
-        self.population = Population()
+                                        self.pruner, self.rollout_uniforms, self.row_params) if run_ahead else None
         # a row's tree holds its candidates and R rollouts of k-1 tokens each (fewer once rollouts stop)
         self.scratch_positions = TREE_ROOM_CANDIDATES * self.tree_tokens
         self.step_log: list[tuple[int, int, int]] | None = None  # set to [] to record (evals, calls, nucleus99)
@@ -118,10 +122,12 @@ class EpicChooser:
         if not isinstance(row.chooser_state, RowMemory):
             row.chooser_state = RowMemory()
         memory = row.chooser_state
-        search = LazySearch(logq, gumbel(row.rng, logq.size), self.alpha, self.horizon * math.log(logq.size))
+        alpha, procs = self.row_params(row)
+        search = LazySearch(logq, gumbel(row.rng, logq.size), alpha, self.horizon * math.log(logq.size))
         seed = int(row.rng.integers(2**63))
-        group = (tuple(row.prompt_ids), tuple(row.generated)) if self.horizon == 1 else i
-        st = _RowSearch(search, seed, group, memory, self.first_block.size(memory, self.population, search))
+        group = (tuple(row.prompt_ids), tuple(row.generated), id(procs)) if self.horizon == 1 else i
+        st = _RowSearch(search, seed, group, memory, self.first_block.size(memory, search),
+                        processors=procs)
         if self.run_ahead is not None:
             st.given = self.run_ahead.take(row, memory, search, seed)
         else:
@@ -161,7 +167,7 @@ class EpicChooser:
 
     def _calls(self, model: CausalLM, cache: KVCache, parents: np.ndarray) -> list[np.ndarray]:
         if model.supports_trees:
-            return tree_calls(model, cache, parents, self.tree_tokens)
+            return tree_calls(model, cache, parents, self.tree_tokens, self.rollouts)
         return forked_calls(model, cache, parents, self.horizon, self.rollouts, self.kv_budget_bytes)
 
     def _evaluate(self, model: CausalLM, rows: Sequence[Row], cache: KVCache, states: list[_RowSearch],
@@ -174,17 +180,19 @@ class EpicChooser:
         for idx in calls:
             p_c, t_c = rnd.parents[idx].tolist(), rnd.tokens[idx].tolist()
             given = None
-            if first and len(calls) == 1 and self.run_ahead is not None and any(
+            # only when every row of the call has its run-ahead (rows that join a running batch have
+            # none: the call then runs all, else their candidates would stop after depth 0)
+            if first and len(calls) == 1 and self.run_ahead is not None and all(
                     states[i].given is not None for i, _, _ in rnd.per_row):
                 given = self.run_ahead.given_for_call(rnd.per_row, [st.given for st in states], len(rnd.tokens))
             keep = None if self.pruner is None else self.pruner.keep_for_call(
-                [st.memory for st in states], [st.search for st in states], self.population, p_c, t_c, first)
+                [st.memory for st in states], [st.search for st in states], p_c, t_c, first)
             hook = None
             if self.run_ahead is not None and len(set(p_c)) == 1:
                 st = states[p_c[0]]
-                hook = self.run_ahead.hook(rows[p_c[0]], st.memory, self.population, st.search, t_c,
+                hook = self.run_ahead.hook(rows[p_c[0]], st.memory, st.search, t_c,
                                            model.eos_token_ids, st.ahead_seeds)
-            res = lookahead_entropy(model, cache, p_c, t_c, uniforms[idx], self.horizon, self.processors,
+            res = lookahead_entropy(model, cache, p_c, t_c, uniforms[idx], self.horizon, _call_processors(states, p_c),
                                     keep=keep, run_ahead=hook, given=given)
             for run in res.ahead:
                 states[p_c[run.candidate]].ahead[t_c[run.candidate]] = run
@@ -231,7 +239,6 @@ class EpicChooser:
             h_win = st.search.evaluated.get(tok)
             if h_win is not None:
                 st.memory.record(h_win, st.winner[2])  # type: ignore[index]
-                self.population.record(h_win, st.winner[2])  # type: ignore[index]
             if self.run_ahead is not None:
                 self.run_ahead.keep_for_next(r, st.memory, tok, st.ahead, st.ahead_seeds)
         next_logits = np.stack([st.winner[0] for st in states])  # type: ignore[index]
@@ -239,6 +246,14 @@ class EpicChooser:
         stats = [{"entropy_evals": st.evals, "rollouts_skipped": st.skipped, "forward_passes": st.calls,
                   "lookahead_tokens": st.lookahead_tokens, "run_ahead_tokens": st.ahead_tokens} for st in states]
         return StepResult(chosen, next_logits, next_cache, stats)
+
+
+def _call_processors(states: list[_RowSearch], parents: Sequence[int]) -> ProcessorList | CandidateProcessors:
+    """The processors of one lookahead call's candidates: their rows' list, or each its own."""
+    lists = [states[p].processors for p in parents]
+    if all(p is lists[0] for p in lists):
+        return lists[0]  # type: ignore[return-value]
+    return CandidateProcessors(lists)  # type: ignore[arg-type]
 
 
 def epic_step(

@@ -49,6 +49,39 @@ class Lookahead:
     ahead_tokens: np.ndarray | None = None  # [n] tokens run ahead after each candidate (not in candidate_tokens)
 
 
+class CandidateProcessors:
+    """Each candidate's own processors, for a call whose candidates come from rows with different
+    settings (the serving engine batches rows of many requests). Row i of the logits it is applied
+    to belongs to candidate owners[i] (default: row i is candidate i); rows with the same list are
+    processed together, so each row gets exactly what its own list gives it alone."""
+
+    def __init__(self, per_candidate: Sequence[ProcessorList], owners: np.ndarray | None = None):
+        self.per_candidate = list(per_candidate)
+        self.owners = np.arange(len(self.per_candidate)) if owners is None else np.asarray(owners, dtype=np.int64)
+
+    def rows(self, owners: np.ndarray) -> "CandidateProcessors":
+        """The processors of rows that belong to candidates `owners` (e.g. R rollouts each)."""
+        return CandidateProcessors(self.per_candidate, owners)
+
+    def apply(self, scores: np.ndarray, history: np.ndarray | None = None) -> np.ndarray:
+        lists = [self.per_candidate[o] for o in self.owners.tolist()]
+        kinds: dict[int, list[int]] = {}
+        for i, procs in enumerate(lists):
+            kinds.setdefault(id(procs), []).append(i)
+        if len(kinds) == 1:
+            return lists[0].apply(scores, history)
+        out: np.ndarray | None = None
+        for idx in kinds.values():
+            part = lists[idx[0]].apply(scores[idx])
+            out = np.empty(scores.shape, dtype=part.dtype) if out is None else out
+            out[idx] = part
+        return out  # type: ignore[return-value]
+
+
+def _on_rows(procs: ProcessorList | CandidateProcessors, owners: np.ndarray) -> ProcessorList | CandidateProcessors:
+    return procs.rows(owners) if isinstance(procs, CandidateProcessors) else procs
+
+
 @dataclass
 class _Terms:
     """Ĥ's terms as the depths add them: h0 exact, `lower` the sum so far, `terms` how many."""
@@ -68,7 +101,7 @@ def lookahead_entropy(
     candidates: Sequence[int],
     uniforms: np.ndarray,
     horizon: int,
-    processors: ProcessorList | None = None,
+    processors: ProcessorList | CandidateProcessors | None = None,
     keep: Keep | None = None,
     run_ahead: RunAheadHook | None = None,
     given: Given | None = None,
@@ -115,8 +148,8 @@ def lookahead_entropy(
 
 
 def _rollouts(layout: TreeRows | ForkedRows, t: _Terms, logits0: np.ndarray, draws0: np.ndarray, alive0: np.ndarray,
-              uniforms: np.ndarray, depth: int, eos: np.ndarray, procs: ProcessorList, keep: Keep | None,
-              run_ahead: RunAheadHook | None, given: Given | None) -> None:
+              uniforms: np.ndarray, depth: int, eos: np.ndarray, procs: ProcessorList | CandidateProcessors,
+              keep: Keep | None, run_ahead: RunAheadHook | None, given: Given | None) -> None:
     """Depths 1 .. depth-1: R rollouts per candidate still going on, one call a depth."""
     active = np.arange(t.h0.size)
     if keep is not None:
@@ -139,7 +172,8 @@ def _rollouts(layout: TreeRows | ForkedRows, t: _Terms, logits0: np.ndarray, dra
         else:
             logits_j = _step(layout, t, z, j, active, logits0, run_ahead if depth - 2 <= j else None)
             t.cand_tokens[active] += rollouts
-        h_j, draws = entropy_and_draws(procs.apply(logits_j), u[:, j] if j + 1 < depth else None)
+        scores_j = _on_rows(procs, np.repeat(active, rollouts)).apply(logits_j)
+        h_j, draws = entropy_and_draws(scores_j, u[:, j] if j + 1 < depth else None)
         acc += np.where(alive, h_j, 0.0)
         t.lower[active] = t.h0[active] + acc.reshape(active.size, rollouts).mean(axis=1)
         t.terms[active] = j + 1

@@ -6,8 +6,9 @@ round if it can still win. They change what a token costs: a first block that is
 second round (k more model calls), one too large evaluates candidates in vain; rollouts that go on
 for candidates that cannot win cost tree tokens. bench/epic_search.py measures them (bench/README).
 
-Both look at what a sample's recent steps saw (`RowMemory`, kept on the row between steps), and,
-for a sample's first step, at what the chooser's other samples saw (`Population`).
+Both look only at what a sample's own recent steps saw (`RowMemory`, kept on the row between steps):
+what other samples saw would make a sample's calls, and so its float rounding, depend on what else
+ran before it (a server's other requests).
 """
 
 from __future__ import annotations
@@ -37,21 +38,6 @@ class RowMemory:
         self.rest_recent = rest if self.rest_recent is None else 0.5 * self.rest_recent + 0.5 * rest
 
 
-class Population:
-    """Running means of the winners' Ĥ and Ĥ − h0 over all of a chooser's samples: the guess for a
-    sample's first step, before it has a history of its own. Bounded: two numbers."""
-
-    def __init__(self, weight: float = 0.9):
-        self.weight = weight
-        self.h: float | None = None
-        self.rest: float | None = None
-
-    def record(self, h_win: float, h0_win: float) -> None:
-        w, rest = self.weight, h_win - h0_win
-        self.h = h_win if self.h is None else w * self.h + (1 - w) * h_win
-        self.rest = rest if self.rest is None else w * self.rest + (1 - w) * rest
-
-
 @dataclass
 class FirstBlockPolicy:
     """Size of a row's first block: the candidates whose bound beats (top bound − a·Ĥ_guess −
@@ -62,14 +48,12 @@ class FirstBlockPolicy:
     max_first_block: int = 64
     margin: float = 0.5
 
-    def predicted_need(self, memory: RowMemory, population: Population, search: LazySearch) -> int:
-        h_guess = memory.h_recent
-        if h_guess is None:  # first step of a sample: what other samples saw, else a middling guess
-            h_guess = population.h if population.h is not None else self.horizon * 2.0
+    def predicted_need(self, memory: RowMemory, search: LazySearch) -> int:
+        h_guess = memory.h_recent if memory.h_recent is not None else self.horizon * 2.0  # first step: a middling guess
         return search.predicted_need(h_guess, self.margin)
 
-    def size(self, memory: RowMemory, population: Population, search: LazySearch) -> int:
-        return max(1, min(self.max_first_block, self.predicted_need(memory, population, search)))
+    def size(self, memory: RowMemory, search: LazySearch) -> int:
+        return max(1, min(self.max_first_block, self.predicted_need(memory, search)))
 
 
 @dataclass
@@ -87,7 +71,7 @@ class RolloutPruner:
     horizon: int
     slack: float = 2.5
 
-    def keep_for_call(self, memories: Sequence[RowMemory], searches: Sequence[LazySearch], population: Population,
+    def keep_for_call(self, memories: Sequence[RowMemory], searches: Sequence[LazySearch],
                       parents: Sequence[int], tokens: Sequence[int], expected: bool) -> Keep | None:
         """`keep` for one lookahead call whose candidate i is tokens[i] of row parents[i]."""
         if self.horizon == 1 or self.alpha == 0:
@@ -99,31 +83,28 @@ class RolloutPruner:
             mask = np.ones(idx.size, dtype=bool)
             for i in np.unique(par[idx]).tolist():
                 at = np.flatnonzero(par[idx] == i)
-                mask[at] = self.goes_on(searches[i], memories[i], population, toks[idx[at]], lower[at], terms,
-                                        expected)
+                mask[at] = self.goes_on(searches[i], memories[i], toks[idx[at]], lower[at], terms, expected)
             return mask
 
         return keep
 
-    def goes_on(self, search: LazySearch, memory: RowMemory, population: Population, tokens: np.ndarray,
+    def goes_on(self, search: LazySearch, memory: RowMemory, tokens: np.ndarray,
                 lower: np.ndarray, terms: int, expected: bool) -> np.ndarray:
         """The rule for one row's candidates, given the sum `lower` of their first `terms` terms."""
         rest_max = (self.horizon - terms) * math.log(len(search.bound))
         upper = search.upper_bound(tokens, lower, lower + rest_max)
         target = search.best_score
         if expected:
-            rest = self.expected_rest(memory, population, lower, terms, rest_max)
-            reach = search.bound[tokens] - self.alpha * (lower + rest)
-            target = max(target, float(reach.max()) - abs(self.alpha) * self.slack)
+            rest = self.expected_rest(memory, lower, terms, rest_max)
+            reach = search.bound[tokens] - search.alpha * (lower + rest)  # the row's own alpha
+            target = max(target, float(reach.max()) - abs(search.alpha) * self.slack)
         return upper > target
 
-    def expected_rest(self, memory: RowMemory, population: Population, lower: np.ndarray, terms: int,
-                      rest_max: float) -> float:
+    def expected_rest(self, memory: RowMemory, lower: np.ndarray, terms: int, rest_max: float) -> float:
         """The entropy a candidate may still add after `terms` terms: this sample's recent winners'
-        Ĥ − h0 scaled to the terms left (a sample's first step: other samples' figure, else later
-        depths like the ones computed)."""
+        Ĥ − h0 scaled to the terms left (a sample's first step: later depths like the ones computed)."""
         k = self.horizon
         rest = memory.rest_recent
         if rest is None:
-            rest = population.rest if population.rest is not None else (k - 1) * float(np.median(lower / terms))
+            rest = (k - 1) * float(np.median(lower / terms))
         return min(max(rest * (k - terms) / (k - 1), 0.0), rest_max)

@@ -29,7 +29,7 @@ from ..sampling.kernels import entropy_and_draws, log_softmax
 from ..sampling.processors import ProcessorList
 from ..sampling.sample import gumbel
 from .lazy import LazySearch
-from .policies import FirstBlockPolicy, Population, RolloutPruner, RowMemory
+from .policies import FirstBlockPolicy, RolloutPruner, RowMemory
 
 if TYPE_CHECKING:
     from ..runtime.model import CausalLM
@@ -140,10 +140,13 @@ class RunAheadPolicy:
 
     def __init__(self, alpha: float, horizon: int, rollouts: int, processors: ProcessorList,
                  first_block: FirstBlockPolicy, pruner: RolloutPruner | None,
-                 rollout_uniforms: Callable[[int, int], np.ndarray]):
+                 rollout_uniforms: Callable[[int, int], np.ndarray],
+                 row_params: Callable[[Row], tuple[float, ProcessorList]] | None = None):
         self.alpha, self.horizon, self.rollouts = alpha, horizon, rollouts
         self.processors, self.first_block, self.pruner = processors, first_block, pruner
         self.rollout_uniforms = rollout_uniforms
+        # each row's (alpha, processors): the chooser's own, or the row's (the serving engine's rows)
+        self.params = row_params or (lambda row: (self.alpha, self.processors))
 
     def take(self, row: Row, memory: RowMemory, search: LazySearch, seed: int) -> Continuation | None:
         """What the last step ran ahead after the token it chose, if this step's row and random
@@ -190,7 +193,7 @@ class RunAheadPolicy:
         draws = cat([r.draws if r.draws is not None else np.full((r.tokens.size, self.rollouts), -1) for r in runs])
         return Given(have, logits, columns, entropy, draws, went_on, r_tokens, r_logits, r_columns)
 
-    def hook(self, row: Row, memory: RowMemory, population: Population, search: LazySearch,
+    def hook(self, row: Row, memory: RowMemory, search: LazySearch,
              tokens: Sequence[int], eos_ids: Sequence[int], seeds: dict[int, int]) -> RunAheadHook:
         """`run_ahead` for one lookahead call of one row (candidates `tokens`). Before each of its last
         two depths the candidate leading on the terms of Ĥ computed so far gets the next step's first
@@ -201,9 +204,10 @@ class RunAheadPolicy:
         toks = np.asarray(tokens, dtype=np.int64)
         eos = np.array(sorted(int(t) for t in eos_ids), dtype=np.int64)
         plans: dict[int, tuple[LazySearch, int]] = {}  # candidate -> the next step's search and rollout seed
+        procs = self.params(row)[1]
 
         def ask(idx: np.ndarray, lower: np.ndarray, logits0: np.ndarray, runs: list[Continuation]) -> Any:
-            partial = search.bound[toks[idx]] - self.alpha * lower
+            partial = search.bound[toks[idx]] - search.alpha * lower
             lead = int(idx[int(np.argmax(partial))])
             if toks[lead] in eos or (search.best_token >= 0 and search.best_score >= partial.max()):
                 return [], []
@@ -212,37 +216,38 @@ class RunAheadPolicy:
                 nxt, seed = self.next_search(row, logits0[lead])
                 plans[lead] = (nxt, seed)
                 seeds[int(toks[lead])] = seed
-                need = self.first_block.predicted_need(memory, population, nxt)
+                need = self.first_block.predicted_need(memory, nxt)
                 if need > 2 * AHEAD_TOKENS:
                     return [], []
                 block = nxt.next_block(max(1, min(need, AHEAD_TOKENS)))
                 return ([(lead, block)] if block.size else []), []
             if run.went_on is not None:
                 return [], []
-            return [], self._rollouts_ahead(run, plans[lead], memory, population, eos)
+            return [], self._rollouts_ahead(run, plans[lead], memory, eos, procs)
 
         return ask
 
     def _rollouts_ahead(self, run: Continuation, plan: tuple[LazySearch, int], memory: RowMemory,
-                        population: Population, eos: np.ndarray) -> Extends:
+                        eos: np.ndarray, procs: ProcessorList) -> Extends:
         """The next step's first rollout tokens for the run-ahead block the pruner lets go on."""
         search, seed = plan
-        scores = self.processors.apply(run.logits)
+        scores = procs.apply(run.logits)
         u = np.stack([self.rollout_uniforms(seed, t)[:, 0] for t in run.tokens.tolist()])
         run.entropy, run.draws = entropy_and_draws(scores, u)  # the next step takes them as they are
         h0 = np.where(np.isin(run.tokens, eos), 0.0, run.entropy)
         go = np.ones(run.tokens.size, dtype=bool)
-        if self.pruner is not None and self.alpha != 0:
-            go = self.pruner.goes_on(search, memory, population, run.tokens, h0, 1, expected=True)
+        if self.pruner is not None and search.alpha != 0:
+            go = self.pruner.goes_on(search, memory, run.tokens, h0, 1, expected=True)
         return [(run, go, run.draws[go])] if 0 < go.sum() * self.rollouts <= AHEAD_TOKENS else []
 
     def next_search(self, row: Row, logits: np.ndarray) -> tuple[LazySearch, int]:
         """The search and rollout seed the row's next step will have if `logits` are its next
         logits: the Gumbels and seed come from a copy of the row's stream, which draws the same
         numbers at the next step."""
-        logq = log_softmax(self.processors.apply(logits[None]))[0].astype(np.float64)
+        alpha, procs = self.params(row)
+        logq = log_softmax(procs.apply(logits[None]))[0].astype(np.float64)
         stream = np.random.Generator(type(row.rng.bit_generator)())
         stream.bit_generator.state = row.rng.bit_generator.state
         g = gumbel(stream, logq.size)
         seed = int(stream.integers(2**63))
-        return LazySearch(logq, g, self.alpha, self.horizon * math.log(logq.size)), seed
+        return LazySearch(logq, g, alpha, self.horizon * math.log(logq.size)), seed
