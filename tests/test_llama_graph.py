@@ -229,7 +229,7 @@ def _quantize_dynamic(path: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tmp = path.with_name("dynamic.onnx")
-    quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], per_channel=True)
+    quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QUInt8, op_types_to_quantize=["MatMul"], per_channel=True)
     tmp.replace(path)
 
 
