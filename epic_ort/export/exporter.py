@@ -278,8 +278,8 @@ def _quantize_int8_dynamic(path: Path) -> None:
     tmp = path.with_name("model.int8.onnx")
     logging.disable(logging.WARNING)  # its advice to pre-process applies to CNNs, not to this graph
     try:
-        # uint8 weights: on x86 CPUs without VNNI (AVX2 only), MLAS's u8s8 kernel sums pairs in saturating int16,
-        # and int8 weights gave logits off by ~45% of their scale (tiny Llama, tests/test_export.py); u8u8 does not.
+        # uint8 weights: on an AVX2-only CPU (no VNNI) int8 weights gave logits off by ~45% of their scale (tiny
+        # Llama, tests/test_export.py), most likely the u8s8 kernel's saturating int16 pair sums; uint8 tracks fp32.
         quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QUInt8, op_types_to_quantize=["MatMul"],
                          per_channel=True)
     finally:
