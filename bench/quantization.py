@@ -1,13 +1,19 @@
-"""Weight encodings (the default export's lossless 4-bit blocks, weight-only int8, int8 dynamic) against
-float32 tensors: speed and perplexity change on held-out text.
+"""Weight encodings and arithmetic (the default export's lossless 4-bit blocks, those blocks in int8
+arithmetic, weight-only int8, int8 dynamic) against float32 tensors: perplexity change on held-out
+text, greedy agreement, speed.
 
     python bench/quantization.py [--fp32 models/smollm2-135m-unpacked] [--packed models/smollm2-135m]
-        [--int8 models/smollm2-135m-int8] [--int8-dynamic models/smollm2-135m-int8-dynamic]
-        [--corpus ../shared/data/austen/persuasion.txt] [--windows 16] [--tokens 256]
+        [--int8-compute models/smollm2-135m-int8-compute] [--int8 models/smollm2-135m-int8]
+        [--int8-dynamic models/smollm2-135m-int8-dynamic]
+        [--corpus ../shared/data/austen/persuasion.txt] [--windows 16] [--tokens 256] [--greedy-prompts 20]
 
 Exports a variant when its folder is missing. Perplexity is measured on `windows` random
 passages of `tokens` tokens (the first half is context, the second half is scored), the same
-passages for both models; speed is plain sampling tokens/s at batch 1 (64 tokens, seed 0).
+passages for every model. Greedy agreement: `greedy-prompts` other passages of the same text (32
+tokens of context), 32 greedy tokens each, compared with the float32 model's (identical
+continuations, and the mean length of the common start). Speed (tokens/s, median of 3 rounds
+that alternate the models): plain sampling at batch 1 (64 tokens) and batch 8 (32), EPIC at
+batch 1 (alpha 0.2, k 4, R 2, 16 tokens).
 """
 
 from __future__ import annotations
@@ -35,28 +41,57 @@ def perplexity(model, corpus, positions, tokens):
     return math.exp(float(losses.mean()))
 
 
-def speed(model, n=64):
-    cfg = epic_ort.GenerationConfig(max_new_tokens=n, seed=0, top_k=0)
-    prompt = "It was a bright cold day in April, and the clocks were striking thirteen. The hall smelt of"
-    list(epic_ort.generate(model, [prompt], epic_ort.GenerationConfig(max_new_tokens=4, seed=0)))
+PROMPT = "It was a bright cold day in April, and the clocks were striking thirteen. The hall smelt of"
+SPEEDS = {"batch 1": (1, 64, 0.0), "batch 8": (8, 32, 0.0), "EPIC batch 1": (1, 16, 0.2)}
+
+
+def speed(model, batch: int, n: int, alpha: float) -> float:
+    cfg = epic_ort.GenerationConfig(max_new_tokens=n, seed=0, alpha=alpha, horizon=4, rollouts=2)
     t = time.perf_counter()
-    (s,) = list(epic_ort.generate(model, [prompt], cfg))
-    return s.stats["tokens"] / (time.perf_counter() - t)
+    samples = list(epic_ort.generate(model, [PROMPT] * batch, cfg, batch_size=batch))
+    return sum(s.stats["tokens"] for s in samples) / (time.perf_counter() - t)
+
+
+def speeds(models: dict, rounds: int = 3) -> dict[str, dict[str, float]]:
+    """{model: {setting: tokens/s}}, the median of `rounds` rounds that each run every model once."""
+    for model in models.values():  # warm-up
+        list(epic_ort.generate(model, [PROMPT], epic_ort.GenerationConfig(max_new_tokens=4, seed=0)))
+    runs = {name: {label: [] for label in SPEEDS} for name in models}
+    for _ in range(rounds):
+        for label, setting in SPEEDS.items():
+            for name, model in models.items():
+                runs[name][label].append(speed(model, *setting))
+    return {name: {label: float(np.median(v)) for label, v in r.items()} for name, r in runs.items()}
+
+
+def greedy(model, prompts) -> list[list[int]]:
+    cfg = epic_ort.GenerationConfig(max_new_tokens=32, greedy=True, seed=0)
+    return [s.token_ids for s in epic_ort.generate(model, prompt_ids=prompts, config=cfg, batch_size=4)]
+
+
+def agreement(tokens, reference) -> tuple[int, float]:
+    """(continuations identical to the reference, mean length of the common start)."""
+    common = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+              for a, b in zip(tokens, reference)]
+    return sum(a == b for a, b in zip(tokens, reference)), float(np.mean(common))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fp32", default="models/smollm2-135m-unpacked", help="float32 tensors (export --unpacked)")
     ap.add_argument("--packed", default="models/smollm2-135m", help="the default export (4-bit blocks where exact)")
+    ap.add_argument("--int8-compute", default="models/smollm2-135m-int8-compute")
     ap.add_argument("--int8", default="models/smollm2-135m-int8")
     ap.add_argument("--int8-dynamic", default="models/smollm2-135m-int8-dynamic")
     ap.add_argument("--corpus", default=str(Path(__file__).resolve().parents[2] / "shared/data/austen/persuasion.txt"))
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--greedy-prompts", type=int, default=20)
     args = ap.parse_args()
-    folders = {"fp32": args.fp32, "fp32 4-bit blocks": args.packed, "int8": args.int8, "int8-dynamic": args.int8_dynamic}
-    flags = {"fp32": ["--unpacked"], "fp32 4-bit blocks": [], "int8": ["--quantize", "int8"],
-             "int8-dynamic": ["--quantize", "int8-dynamic"]}
+    folders = {"fp32": args.fp32, "fp32 4-bit blocks": args.packed, "int8 compute": args.int8_compute,
+               "int8": args.int8, "int8-dynamic": args.int8_dynamic}
+    flags = {"fp32": ["--unpacked"], "fp32 4-bit blocks": [], "int8 compute": ["--compute", "int8"],
+             "int8": ["--quantize", "int8"], "int8-dynamic": ["--quantize", "int8-dynamic"]}
     for scheme, folder in folders.items():
         if not (Path(folder) / "epic_ort_manifest.json").is_file():
             subprocess.run([sys.executable, "-m", "epic_ort.cli.main", "export", "smollm2-135m", folder, *flags[scheme]],
@@ -64,22 +99,28 @@ def main() -> int:
     models = {name: epic_ort.load(folder, provider="cpu") for name, folder in folders.items()}
     corpus = load_corpus(models["fp32"], [args.corpus])
     positions = sample_positions(corpus, args.windows, args.tokens // 2, args.tokens // 2, seed=0)
+    starts = sample_positions(corpus, args.greedy_prompts, 32, 32, seed=1)
+    prompts = [corpus.bos + corpus.tokens[p - 32: p].tolist() for p in starts]
+    reference = greedy(models["fp32"], prompts)
+    measured = speeds(models)
     rows = {}
     for name, model in models.items():
-        rows[name] = {
-            "perplexity": perplexity(model, corpus, positions, args.tokens),
-            "tokens_per_s": speed(model),
-            "model_mb": (Path(folders[name]) / "model.onnx").stat().st_size / 2**20,
-        }
-    for r in rows.values():
-        r["perplexity_change"] = r["perplexity"] / rows["fp32"]["perplexity"] - 1
-        r["speed_ratio"] = r["tokens_per_s"] / rows["fp32"]["tokens_per_s"]
-    print(f"held-out text: {args.corpus} ({args.windows} passages x {args.tokens // 2} scored tokens)")
-    print("| model | perplexity | change vs fp32 | tokens/s (batch 1) | speed vs fp32 | model.onnx MB |")
-    print("|---|---:|---:|---:|---:|---:|")
+        same, common = agreement(greedy(model, prompts), reference)
+        rows[name] = {"perplexity": perplexity(model, corpus, positions, args.tokens), "greedy_identical": same,
+                      "greedy_common_start": common, "tokens_per_s": measured[name],
+                      "model_mb": (Path(folders[name]) / "model.onnx").stat().st_size / 2**20}
+    base = rows["fp32"]
+    print(f"held-out text: {args.corpus} ({args.windows} passages x {args.tokens // 2} scored tokens; greedy: "
+          f"{args.greedy_prompts} prompts x 32 tokens)")
+    print("| model | perplexity | change vs fp32 | greedy = fp32 | common start | "
+          + " | ".join(f"{label} tok/s (vs fp32)" for label in SPEEDS) + " | model.onnx MB |")
+    print("|---|---:|---:|---:|---:|" + "---:|" * len(SPEEDS) + "---:|")
     for name, r in rows.items():
-        print(f"| {name} | {r['perplexity']:.3f} | {r['perplexity_change']:+.2%} | {r['tokens_per_s']:.1f} | "
-              f"{r['speed_ratio']:.2f}x | {r['model_mb']:.0f} |")
+        r["perplexity_change"] = r["perplexity"] / base["perplexity"] - 1
+        r["speed_ratio"] = {k: v / base["tokens_per_s"][k] for k, v in r["tokens_per_s"].items()}
+        cells = " | ".join(f"{r['tokens_per_s'][k]:.1f} ({r['speed_ratio'][k]:.2f}x)" for k in SPEEDS)
+        print(f"| {name} | {r['perplexity']:.3f} | {r['perplexity_change']:+.2%} | {r['greedy_identical']}/"
+              f"{len(prompts)} | {r['greedy_common_start']:.1f} | {cells} | {r['model_mb']:.0f} |")
     print(json.dumps({"rows": rows}))
     return 0
 

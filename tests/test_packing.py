@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from epic_ort.export.packing import BLOCK, pack_four_bit
-from tiny_models import q4_1_reference
+from epic_ort.export.packing import BLOCK, pack_eight_bit, pack_four_bit
+from tiny_models import q4_1_reference, q8_0_reference
 
 
 @pytest.mark.parametrize("seed, shape, scale", [(0, (8, 64), 0.02), (1, (96, 576), 0.3), (2, (3, 32), 5.0),
@@ -91,3 +91,35 @@ def test_midpoint_offsets_rebuild_exactly():
     np.testing.assert_array_equal((packed.scales[..., None] * blocks + mid[..., None]).reshape(24, 96), weight)
     far_apart = PackedWeight(packed.levels[:1, :1], np.array([[2.0 ** -24]], np.float32), np.array([[8.0]], np.float32))
     assert far_apart.midpoint_offsets() is None  # 8 + 2^-21 needs 25 significant bits
+
+
+@pytest.mark.parametrize("seed, shape, scale", [(0, (8, 64), 0.02), (1, (300, 576), 0.3), (2, (3, 32), 50.0)])
+def test_q8_0_weights_pack_eight_bit_exactly(seed, shape, scale):
+    rng = np.random.default_rng(seed)
+    weight = q8_0_reference((rng.standard_normal(shape) * scale).astype(np.float32))
+    weight[0, :BLOCK] = 0.0  # an all-zero block: scale 0
+    packed = pack_eight_bit(weight)
+    assert packed is not None and packed.shape == shape
+    assert packed.levels.dtype == np.uint8 and packed.levels.shape == (shape[0], shape[1] // BLOCK, BLOCK)
+    np.testing.assert_array_equal(packed.unpack(), weight)  # bit for bit
+    assert packed.scales[0, 0] == 0 and np.all(packed.levels[0, 0] == 128)
+    levels = packed.levels.astype(int) - 128
+    assert levels.min() >= -127 and levels.max() <= 127
+    assert np.all(np.abs(levels[:, 1:]).max(axis=-1) == 127)  # each block's largest weight is level ±127
+
+
+@pytest.mark.parametrize("case", ["float", "one_ulp", "q4_1", "nan", "width"])
+def test_other_weights_do_not_pack_eight_bit(case):
+    rng = np.random.default_rng(6)
+    weight = q8_0_reference(rng.standard_normal((16, 64)).astype(np.float32))
+    if case == "float":
+        weight = rng.standard_normal((16, 64)).astype(np.float32)
+    elif case == "one_ulp":
+        weight[9, 40] = np.nextafter(weight[9, 40], np.float32(np.inf))
+    elif case == "q4_1":  # offsets: not symmetric blocks
+        weight, _ = q4_1_reference(rng.standard_normal((16, 64)).astype(np.float32) + 1.0)
+    elif case == "nan":
+        weight[3, 3] = np.nan
+    elif case == "width":
+        weight = weight[:, :48]
+    assert pack_eight_bit(weight) is None

@@ -71,6 +71,39 @@ def q4_1_reference(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (d16[..., None] * q.astype(np.float32) + m16[..., None]).reshape(out, inputs), q.reshape(out, inputs)
 
 
+def q8_0_reference(weight: np.ndarray) -> np.ndarray:
+    """What a Q8_0 GGUF tensor (SmolLM2's embedding) reaches transformers as: llama.cpp's
+    quantize_row_q8_0 (d = amax / 127, levels round(x / d), d stored as float16) and gguf-py's
+    float32 d * q."""
+    out, inputs = weight.shape
+    blocks = weight.reshape(out, inputs // 32, 32).astype(np.float32)
+    d = np.abs(blocks).max(-1) / np.float32(127)
+    inv = np.where(d == 0, np.float32(0), np.float32(1) / np.where(d == 0, 1, d))
+    q = np.rint(blocks * inv[..., None])
+    return (d.astype(np.float16).astype(np.float32)[..., None] * q).reshape(out, inputs).astype(np.float32)
+
+
+def build_gguf_like_llama(folder: Path, seed: int = 0):
+    """A tiny Llama holding what transformers loads from a GGUF like SmolLM2's: Q4_1 blocks in every
+    Linear, a Q8_0 embedding tied to the lm_head."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    _, vocab = build_tokenizer(folder)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=2, initializer_range=0.3, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    quantize_linears_q4_1(model)  # the tied lm_head is the embedding: Q8_0 below, after the Linears
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb.copy_(torch.from_numpy(q8_0_reference(emb.detach().numpy())))
+    model.save_pretrained(str(folder))
+    return model
+
+
 def quantize_linears_q4_1(model) -> None:
     """Replace every nn.Linear weight of a torch model by its Q4_1 round trip (q4_1_reference):
     the model then holds what transformers loads from a Q4_1 GGUF."""

@@ -30,6 +30,7 @@ INT8_BLOCK = 32  # weights per int8 scale: small blocks keep SmolLM2's perplexit
 DTYPES = ("fp32", "fp16")
 QUANTIZATIONS = (None, "int8", "int8-dynamic")
 GRAPHS = ("auto", "lean", "optimum")
+COMPUTES = ("fp32", "int8")
 
 
 def export(
@@ -42,6 +43,7 @@ def export(
     quantize: str | None = None,
     graph: str = "auto",
     pack: bool = True,
+    compute: str = "fp32",
     log: Callable[[str], None] | None = None,
 ) -> Manifest:
     """Export `model` into `output_dir` and return the manifest written beside model.onnx.
@@ -49,7 +51,9 @@ def export(
     graph: "lean" (epic-ort's own graph, for the architectures of lean/architectures.py), "optimum",
     or "auto" (lean where supported).
     pack: in the lean fp32 graph, keep weights that are exactly 4-bit blocks (a Q4_1 GGUF's) as
-    4-bit: the same numbers in 5 bits instead of 32 (export/packing.py). False stores float32."""
+    4-bit: the same numbers in 5 bits instead of 32 (export/packing.py). False stores float32.
+    compute: "int8" runs those blocks (and a Q8_0 lm_head as 8-bit blocks) with int8 dot products,
+    activations quantized per block (lean/projection.py); "fp32" computes in float32."""
     if graph not in GRAPHS:
         raise ExportError(f"graph must be one of {GRAPHS}")
     if dtype not in DTYPES:
@@ -58,6 +62,7 @@ def export(
         raise ExportError(f"quantize must be one of {QUANTIZATIONS[1:]}")
     if quantize and dtype != "fp32":
         raise ExportError(f"--quantize {quantize} starts from an fp32 export; drop --dtype fp16")
+    _check_compute(compute, dtype, quantize, graph, pack)
     out = Path(output_dir)
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
@@ -83,7 +88,10 @@ def export(
             raise ExportError(f"cannot load {model!r}: {str(e).splitlines()[0]}{known}") from None
         hf_model.eval()
         graph = _choose_graph(graph, hf_model.config, opset, dtype)
-        opset, packed = _write_graph(hf_model, tmp, graph, opset, pack and not quantize and dtype == "fp32", say)
+        if compute == "int8" and graph != "lean":
+            raise ExportError("--compute int8 needs the lean graph, which does not support this model")
+        opset, packed = _write_graph(hf_model, tmp, graph, opset, pack and not quantize and dtype == "fp32", say,
+                                     int8_compute=compute == "int8")
         tokenizer.save_pretrained(str(tmp))
         if not (tmp / "tokenizer.json").is_file():
             raise ExportError(f"{model!r} has no fast tokenizer (tokenizer.json); epic-ort's runtime needs one")
@@ -91,22 +99,25 @@ def export(
         manifest = _build_manifest(tmp, hf_model.config, tokenizer, description, dtype, opset, quantize, graph)
         if graph == "lean":
             manifest.extra["packed_products"] = packed
+        if compute != "fp32":
+            manifest.extra["compute"] = compute
         write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
         say(f"[4/4] wrote {out}")
     return manifest
 
 
 def _write_graph(hf_model: Any, tmp: Path, graph: str, opset: int | None, pack: bool,
-                 say: Callable[[str], None]) -> tuple[int | None, int]:
+                 say: Callable[[str], None], int8_compute: bool = False) -> tuple[int | None, int]:
     """model.onnx (and, for the lean graph, the config files Optimum would write) into `tmp`.
     Returns (the graph's opset, how many products stayed 4-bit)."""
     if graph == "lean":
         from .lean import OPSET, build_lean_onnx
 
         say(f"[2/4] writing the lean {hf_model.config.model_type} graph (opset {OPSET})")
-        packed = build_lean_onnx(hf_model, tmp / "model.onnx", pack_weights=pack)
+        packed = build_lean_onnx(hf_model, tmp / "model.onnx", pack_weights=pack, int8_compute=int8_compute)
         if packed:
-            say(f"      {packed} weight products kept as their exact 4-bit blocks (lossless)")
+            say(f"      {packed} weight products kept as their exact blocks (lossless)"
+                + (", computed with int8 dot products" if int8_compute else ""))
         hf_model.config.save_pretrained(str(tmp))
         hf_model.generation_config.save_pretrained(str(tmp))
         return OPSET, packed
@@ -129,6 +140,18 @@ def _post_process(path: Path, dtype: str, quantize: str | None, say: Callable[[s
         _quantize_int8_dynamic(path)
     else:
         say("[3/4] checking the graph")
+
+
+def _check_compute(compute: str, dtype: str, quantize: str | None, graph: str, pack: bool) -> None:
+    if compute not in COMPUTES:
+        raise ExportError(f"compute must be one of {COMPUTES}")
+    if compute == "fp32":
+        return
+    clash = ("--dtype fp16" if dtype != "fp32" else f"--quantize {quantize}" if quantize else
+             "--graph optimum" if graph == "optimum" else "--unpacked" if not pack else None)
+    if clash:
+        raise ExportError(f"--compute int8 runs the lean graph's exact weight blocks in int8; it cannot be combined "
+                          f"with {clash}")
 
 
 def _choose_graph(graph: str, config: Any, opset: int | None, dtype: str = "fp32") -> str:

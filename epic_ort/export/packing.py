@@ -25,7 +25,13 @@ its neighbours a few ulps away; the block's minimum is the offset. Q5_0, Q6_K an
 hold more than 16 values and stay float32.
 
 A tensor is packed only when every block rebuilds bit for bit (float32(d * q + m) == w);
-anything else stays a float32 MatMul. Needs only NumPy.
+anything else stays a float32 MatMul.
+
+Q8_0 blocks (SmolLM2's and Gemma 3's embeddings, which their lm_heads share) are d * q with q in
+-127..127 and d = amax / 127 a float16 number. `pack_eight_bit` finds them for the int8-compute
+export, where MatMulNBits' 8-bit kernel multiplies them with int8 dot products (accuracy_level 4);
+with float32 arithmetic that kernel is ~20x slower than a float32 MatMul at one row, so the
+default export keeps them float32. Needs only NumPy.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ import numpy as np
 BLOCK = 32  # llama.cpp's block length (Q4_0, Q4_1, Q5_*, Q8_0)
 LEVELS = 16  # 4 bits
 MIDPOINT = 8  # MatMulNBits' zero point for 4 bits when none is given
+EIGHT_BIT_MIDPOINT = 128  # ... and for 8 bits
+Q8_MAX = 127  # llama.cpp's Q8_0: d = amax / 127
 
 
 @dataclass(frozen=True)
@@ -143,3 +151,56 @@ def _stepped(blocks: np.ndarray, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray
         idx = np.flatnonzero(todo)[ok]
         scales[idx], q[idx], done[idx] = d[ok], q_try[ok], True
     return scales, q, done
+
+
+@dataclass(frozen=True)
+class EightBitWeight:
+    """A [out, in] weight as 8-bit MatMulNBits operands: `levels` uint8 [out, in / BLOCK, BLOCK]
+    (q + 128) and `scales` float32 [out, in / BLOCK]: weight[o, b * BLOCK + j] == scales[o, b] * q."""
+
+    levels: np.ndarray
+    scales: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        out, blocks = self.scales.shape
+        return out, blocks * BLOCK
+
+    def unpack(self) -> np.ndarray:
+        q = self.levels.astype(np.float32) - EIGHT_BIT_MIDPOINT
+        return (self.scales[..., None] * q).reshape(self.shape)
+
+
+def pack_eight_bit(weight: np.ndarray) -> EightBitWeight | None:
+    """`weight` [out, in] as llama.cpp Q8_0 blocks when that loses nothing, else None: each block's
+    scale is the float16 number nearest amax / 127 (the level of its largest weight is ±127), and
+    the whole tensor is kept only if every block then rebuilds exactly from integer levels."""
+    weight = np.asarray(weight)
+    if weight.ndim != 2 or weight.dtype != np.float32 or weight.shape[1] % BLOCK or weight.size == 0:
+        return None
+    out, inputs = weight.shape
+    if out > 1 and pack_eight_bit(weight[:1]) is None:  # most weights fail on their first row
+        return None
+    levels = np.empty((out, inputs // BLOCK, BLOCK), np.uint8)
+    scales = np.empty((out, inputs // BLOCK), np.float32)
+    for start in range(0, out, ROWS_AT_ONCE):  # a 262k-row embedding in slices: bounded temporaries
+        part = _eight_bit_blocks(weight[start:start + ROWS_AT_ONCE].reshape(-1, inputs // BLOCK, BLOCK))
+        if part is None:
+            return None
+        levels[start:start + ROWS_AT_ONCE], scales[start:start + ROWS_AT_ONCE] = part
+    return EightBitWeight(levels, scales)
+
+
+ROWS_AT_ONCE = 8192
+
+
+def _eight_bit_blocks(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(levels q + 128, scales) of blocks [..., BLOCK] that are exact Q8_0 blocks, else None."""
+    if not np.all(np.isfinite(blocks)):
+        return None
+    amax = np.abs(blocks).max(axis=-1)
+    scales = (amax.astype(np.float64) / Q8_MAX).astype(np.float16).astype(np.float32)
+    q = np.rint(blocks / np.where(scales == 0, np.float32(1), scales)[..., None])
+    if np.abs(q).max() > Q8_MAX or not np.array_equal(scales[..., None] * q, blocks):
+        return None
+    return (q + EIGHT_BIT_MIDPOINT).astype(np.uint8), scales

@@ -16,7 +16,8 @@ from .projection import Projector
 from ...runtime.graph import KV_CACHE_KEY, KV_CACHE_SHARED  # the runtime's metadata contract
 
 
-def build_lean_onnx(hf_model: Any, path: Path, opset: int = OPSET, pack_weights: bool = True) -> int:
+def build_lean_onnx(hf_model: Any, path: Path, opset: int = OPSET, pack_weights: bool = True,
+                    int8_compute: bool = False) -> int:
     """Write `hf_model` (a transformers causal LM that `supports()` accepts, float32 or castable)
     as one lean ONNX graph at `path`, with the inputs/outputs of Optimum's
     text-generation-with-past export plus logits_index and tree_mask.
@@ -25,7 +26,8 @@ def build_lean_onnx(hf_model: Any, path: Path, opset: int = OPSET, pack_weights:
     protobuf's 2 GB limit. The graph is checked with onnx.checker before it is written.
 
     pack_weights: keep weights that are exactly 4-bit blocks as 4-bit (lossless, see packing.py).
-    Returns how many products were packed."""
+    int8_compute: multiply those (and exact Q8_0 weights, a tied lm_head included) with int8 dot
+    products (projection.py). Returns how many products were packed."""
     import onnx
 
     config = hf_model.config
@@ -46,7 +48,7 @@ def build_lean_onnx(hf_model: Any, path: Path, opset: int = OPSET, pack_weights:
     b = Layers(g, w, arch, dims, qkv_bias=arch.qkv_bias(config), o_bias=arch.o_bias(config),
                activation=arch.activation(config),
                embedding_scale=arch.embedding_scale(config) if arch.embedding_scale else None,
-               project=Projector(g, w, pack_weights), attention_scale=arch.attention_scale(config),
+               project=Projector(g, w, pack_weights, int8_compute), attention_scale=arch.attention_scale(config),
                windows=windows, attention_softcap=attention_cap, logit_softcap=logit_cap)
 
     local_base = arch.local_rope_base(config) if any(x is not None for x in windows) else None

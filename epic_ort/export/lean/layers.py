@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ..packing import pack_eight_bit
 from .architectures import Architecture, Dims
 from .graph import BATCH, CAPACITY, LOGITS, MS_DOMAIN, PRESENT, SEQ, TOTAL, GraphBuilder
 from .prelude import GLOBAL, LOCAL, Prelude
@@ -188,7 +189,10 @@ def lm_head(b: Layers, normed: str, tied: bool) -> None:
                 [[f"{BATCH} * {SEQ}", d.hidden]])
     picked = g.op("Gather", "lm_head/pick", [flat, "logits_index"], [[LOGITS, d.hidden]], axis=0)
     out = "lm_head/uncapped" if b.logit_softcap else "logits"
-    if tied:
+    eight = pack_eight_bit(b.w[names.embed]) if tied and b.project.int8_compute else None
+    if eight is not None:  # int8 compute: the embedding's own Q8_0 blocks, a quarter of the bytes
+        b.project.eight_bit("lm_head", picked, names.embed, eight, [LOGITS, d.vocab], output=out)
+    elif tied:
         g.op("FusedMatMul", "lm_head", [picked, names.embed], [[LOGITS, d.vocab]], outputs=[out],
              domain=MS_DOMAIN, transA=0, transB=1, alpha=1.0)
     else:

@@ -1,0 +1,91 @@
+"""`epic-ort export --compute int8`: the lean graph's exact weight blocks multiplied with int8 dot
+products (MatMulNBits accuracy_level 4), the tied Q8_0 lm_head as 8-bit blocks. Not bit-faithful
+to float32 (activations are rounded to int8 per block of 32), so the tests bound how far it moves
+the logits, and check that EPIC stays exact on the int8 model's own distribution."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+
+import epic_ort
+from epic_ort.errors import ExportError
+from epic_ort.export import export
+from epic_ort.sampling.kernels import entropy, log_softmax
+from epic_ort.settings import GenerationConfig
+from test_epic import EOS, _merged_chisquare
+
+PROMPT = "the cat sat on the mat and then"
+
+
+def _matmuls(folder):
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    return {n.name: (n.op_type, {a.name: a.i for a in n.attribute if a.name in ("bits", "accuracy_level")})
+            for n in graph.node if n.op_type in ("MatMulNBits", "FusedMatMul")}
+
+
+def test_graph_runs_every_block_product_in_int8(gguf_like_exports):
+    fp32, int8 = _matmuls(gguf_like_exports["fp32"]), _matmuls(gguf_like_exports["int8"])
+    assert fp32["lm_head"][0] == "FusedMatMul"  # float32 arithmetic keeps the float32 head
+    assert int8["lm_head"] == ("MatMulNBits", {"bits": 8, "accuracy_level": 4})
+    body = [attrs for name, (op, attrs) in int8.items() if name != "lm_head"]
+    assert len(body) == 4 * 2 and all(a == {"bits": 4, "accuracy_level": 4} for a in body)  # qkv, o, gate|up, down
+    assert all(a["accuracy_level"] == 0 for name, (op, a) in fp32.items() if op == "MatMulNBits")
+    manifest = epic_ort.load(gguf_like_exports["int8"], provider="cpu").manifest
+    assert manifest.extra["compute"] == "int8" and manifest.extra["packed_products"] == 8
+
+
+def _logits(folder, rows, extra):
+    model = epic_ort.load(folder, provider="cpu")
+    logits, cache = model.prefill(rows)
+    step, _ = model.step(np.asarray(extra), cache)
+    return np.concatenate([logits, step])
+
+
+def test_logits_stay_close_to_float32(gguf_like_exports):
+    """Rounding activations to 8 bits moves logits by about a percent of their spread; a wrong zero
+    point, scale or level order would move them by their whole spread."""
+    rng = np.random.default_rng(3)
+    vocab = epic_ort.load(gguf_like_exports["fp32"], provider="cpu").vocab_size
+    rows = [[1] + rng.integers(3, vocab, size=n).tolist() for n in (9, 4, 15, 7)]
+    extra = rng.integers(3, vocab, size=4)
+    ref, got = _logits(gguf_like_exports["fp32"], rows, extra), _logits(gguf_like_exports["int8"], rows, extra)
+    spread = ref.std(axis=-1, keepdims=True)
+    rel = np.sqrt(((got - ref) ** 2).mean(axis=-1, keepdims=True)) / spread
+    print("relative rms error per row:", rel.ravel())
+    assert float(rel.max()) < 0.08, rel.ravel()
+    p, q = np.exp(log_softmax(ref)), np.exp(log_softmax(got))
+    assert float(np.abs(p - q).sum(axis=-1).max()) < 0.1  # total variation, per row
+
+
+def test_epic_is_exact_on_the_int8_model(gguf_like_exports):
+    """Horizon 1: EPIC's samples follow q_a of the int8 model's own logits and entropies (chi-square),
+    and not q."""
+    model = epic_ort.load(gguf_like_exports["int8"], provider="cpu")
+    V = model.vocab_size
+    logits, cache = model.prefill([model.encode(PROMPT)])
+    lq = log_softmax(logits[0].astype(np.float64))
+    nxt, _ = model.step(np.arange(V), cache.select([0] * V))
+    H = entropy(nxt)
+    H[EOS] = 0.0
+    for a, seed in ((2.0, 21), (-1.0, 22)):
+        la = lq - a * H
+        qa = np.exp(la - np.logaddexp.reduce(la))
+        cfg = GenerationConfig(max_new_tokens=1, alpha=a, horizon=1, rollouts=1, seed=seed)
+        toks = np.array([s.token_ids[0] for s in epic_ort.generate(model, [PROMPT], cfg, num_samples=3000,
+                                                                     batch_size=1000)])
+        counts = np.bincount(toks, minlength=V)
+        assert _merged_chisquare(counts, qa) > 1e-3, a
+        assert _merged_chisquare(counts, np.exp(lq)) < 1e-6, a
+        assert math.isclose(counts.sum(), 3000)
+
+
+@pytest.mark.parametrize("flags, clash", [({"dtype": "fp16"}, "--dtype fp16"), ({"quantize": "int8"}, "--quantize int8"),
+                                          ({"graph": "optimum"}, "--graph optimum"), ({"pack": False}, "--unpacked")])
+def test_int8_compute_refuses_what_it_cannot_combine_with(tmp_path, flags, clash):
+    with pytest.raises(ExportError, match=clash):
+        export("no-such-model", tmp_path / "out", compute="int8", **flags)
+    assert not (tmp_path / "out").exists()
