@@ -10,8 +10,9 @@ text, greedy agreement, speed.
 Exports a variant when its folder is missing. Perplexity is measured on `windows` random
 passages of `tokens` tokens (the first half is context, the second half is scored), the same
 passages for every model. Greedy agreement: `greedy-prompts` other passages of the same text (32
-tokens of context), 32 greedy tokens each, compared with the float32 model's (identical
-continuations, and the mean length of the common start). Speed (tokens/s, median of 3 rounds
+tokens of context), 32 greedy tokens each, compared with the reference model's (identical
+continuations, and the mean length of the common start). The reference is float32 tensors, or the
+first of `--variants`. Speed (tokens/s, median of 3 rounds
 that alternate the models): plain sampling at batch 1 (64 tokens) and batch 8 (32), EPIC at
 batch 1 (alpha 0.2, k 4, R 2, 16 tokens).
 """
@@ -87,21 +88,31 @@ def main() -> int:
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--greedy-prompts", type=int, default=20)
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated subset, the reference first, e.g. 'fp32 4-bit blocks,int8 compute' "
+                         "[default: all, against fp32]")
     args = ap.parse_args()
     folders = {"fp32": args.fp32, "fp32 4-bit blocks": args.packed, "int8 compute": args.int8_compute,
                "int8": args.int8, "int8-dynamic": args.int8_dynamic}
     flags = {"fp32": ["--unpacked"], "fp32 4-bit blocks": [], "int8 compute": ["--compute", "int8"],
              "int8": ["--quantize", "int8"], "int8-dynamic": ["--quantize", "int8-dynamic"]}
+    if args.variants:
+        chosen = [v.strip() for v in args.variants.split(",")]
+        unknown = [v for v in chosen if v not in folders]
+        if unknown:
+            ap.error(f"unknown variants {unknown}; choose from {list(folders)}")
+        folders = {v: folders[v] for v in chosen}
+    ref = next(iter(folders))
     for scheme, folder in folders.items():
         if not (Path(folder) / "epic_ort_manifest.json").is_file():
             subprocess.run([sys.executable, "-m", "epic_ort.cli.main", "export", "smollm2-135m", folder, *flags[scheme]],
                            check=True)
     models = {name: epic_ort.load(folder, provider="cpu") for name, folder in folders.items()}
-    corpus = load_corpus(models["fp32"], [args.corpus])
+    corpus = load_corpus(models[ref], [args.corpus])
     positions = sample_positions(corpus, args.windows, args.tokens // 2, args.tokens // 2, seed=0)
     starts = sample_positions(corpus, args.greedy_prompts, 32, 32, seed=1)
     prompts = [corpus.bos + corpus.tokens[p - 32: p].tolist() for p in starts]
-    reference = greedy(models["fp32"], prompts)
+    reference = greedy(models[ref], prompts)
     measured = speeds(models)
     rows = {}
     for name, model in models.items():
@@ -109,11 +120,11 @@ def main() -> int:
         rows[name] = {"perplexity": perplexity(model, corpus, positions, args.tokens), "greedy_identical": same,
                       "greedy_common_start": common, "tokens_per_s": measured[name],
                       "model_mb": (Path(folders[name]) / "model.onnx").stat().st_size / 2**20}
-    base = rows["fp32"]
+    base = rows[ref]
     print(f"held-out text: {args.corpus} ({args.windows} passages x {args.tokens // 2} scored tokens; greedy: "
           f"{args.greedy_prompts} prompts x 32 tokens)")
-    print("| model | perplexity | change vs fp32 | greedy = fp32 | common start | "
-          + " | ".join(f"{label} tok/s (vs fp32)" for label in SPEEDS) + " | model.onnx MB |")
+    print(f"| model | perplexity | change vs {ref} | greedy = {ref} | common start | "
+          + " | ".join(f"{label} tok/s (vs {ref})" for label in SPEEDS) + " | model.onnx MB |")
     print("|---|---:|---:|---:|---:|" + "---:|" * len(SPEEDS) + "---:|")
     for name, r in rows.items():
         r["perplexity_change"] = r["perplexity"] / base["perplexity"] - 1
