@@ -53,8 +53,9 @@ def main() -> None:
 @click.option("--quantize", type=click.Choice(["int8", "int8-dynamic"]), default=None,
               help="int8: weight-only int8 MatMuls (CPU, ~+1% perplexity); int8-dynamic: ORT dynamic quantization.")
 @click.option("--graph", type=click.Choice(["auto", "lean", "optimum"]), default="auto", show_default=True,
-              help="lean: epic-ort's own graph for Llama, Mistral, Qwen2/2.5, Qwen3 and Gemma (fewer ops, faster; CPU "
-                   "only); auto: lean where the model supports it, Optimum's graph otherwise and for fp16 (GPUs).")
+              help="lean: epic-ort's own graph for Llama, Mistral, Qwen2/2.5, Qwen3 and Gemma (fewer ops, faster; CPU, "
+                   "or CUDA with --dtype fp16 and onnxruntime-gpu >= 1.29); auto: lean where the model supports it, "
+                   "Optimum's graph otherwise and for fp16.")
 @click.option("--unpacked", is_flag=True,
               help="Lean graph: store every weight as float32, even those that are exactly 4-bit blocks (a Q4_1 GGUF's), which "
                    "the lean graph otherwise keeps as 4-bit. Same numbers; 2.7x the file and more memory, slower at batch 1, "

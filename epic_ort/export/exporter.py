@@ -2,8 +2,8 @@
 
 The architectures in lean/architectures.py (Llama, Mistral, Qwen2/2.5, Qwen3, Gemma, Gemma 3) get
 epic-ort's lean hand-built graph (lean/: ~10 nodes per layer instead of Optimum's ~100, same inputs and
-outputs; it runs on the CPU); every other architecture, fp16 (for GPUs), or `--graph optimum` goes
-through Optimum's exporter.
+outputs; float32 for the CPU, or `--graph lean --dtype fp16` for CUDA); every other architecture, `--graph
+auto --dtype fp16`, or `--graph optimum` goes through Optimum's exporter.
 
 This is the only part of epic-ort that needs torch/transformers/optimum (the `export` extra);
 they are imported inside the functions so that `import epic_ort` never pulls them in.
@@ -49,9 +49,10 @@ def export(
     """Export `model` into `output_dir` and return the manifest written beside model.onnx.
 
     graph: "lean" (epic-ort's own graph, for the architectures of lean/architectures.py), "optimum",
-    or "auto" (lean where supported).
-    pack: in the lean fp32 graph, keep weights that are exactly 4-bit blocks (a Q4_1 GGUF's) as
-    4-bit: the same numbers in 5 bits instead of 32 (export/packing.py). False stores float32.
+    or "auto" (lean where supported, for fp32).
+    dtype: "fp16" writes the lean graph in float16 (logits float32) or converts Optimum's.
+    pack: in the lean graph, keep weights that are exactly 4-bit blocks (a Q4_1 GGUF's) as
+    4-bit: the same numbers in 5 bits instead of 32 (export/packing.py). False stores them as floats.
     compute: "int8" runs those blocks (and a Q8_0 lm_head as 8-bit blocks) with int8 dot products,
     activations quantized per block (lean/projection.py); "fp32" computes in float32."""
     if graph not in GRAPHS:
@@ -90,12 +91,12 @@ def export(
         graph = _choose_graph(graph, hf_model.config, opset, dtype)
         if compute == "int8" and graph != "lean":
             raise ExportError("--compute int8 needs the lean graph, which does not support this model")
-        opset, packed = _write_graph(hf_model, tmp, graph, opset, pack and not quantize and dtype == "fp32", say,
-                                     int8_compute=compute == "int8")
+        opset, packed = _write_graph(hf_model, tmp, graph, opset, pack and not quantize, say,
+                                     int8_compute=compute == "int8", dtype=dtype)
         tokenizer.save_pretrained(str(tmp))
         if not (tmp / "tokenizer.json").is_file():
             raise ExportError(f"{model!r} has no fast tokenizer (tokenizer.json); epic-ort's runtime needs one")
-        _post_process(tmp / "model.onnx", dtype, quantize, say)
+        _post_process(tmp / "model.onnx", "fp32" if graph == "lean" else dtype, quantize, say)  # lean: built in fp16
         manifest = _build_manifest(tmp, hf_model.config, tokenizer, description, dtype, opset, quantize, graph)
         if graph == "lean":
             manifest.extra["packed_products"] = packed
@@ -107,14 +108,20 @@ def export(
 
 
 def _write_graph(hf_model: Any, tmp: Path, graph: str, opset: int | None, pack: bool,
-                 say: Callable[[str], None], int8_compute: bool = False) -> tuple[int | None, int]:
+                 say: Callable[[str], None], int8_compute: bool = False, dtype: str = "fp32"
+                 ) -> tuple[int | None, int]:
     """model.onnx (and, for the lean graph, the config files Optimum would write) into `tmp`.
     Returns (the graph's opset, how many products stayed 4-bit)."""
     if graph == "lean":
         from .lean import OPSET, build_lean_onnx
+        from .lean.graph import NarrowingError
 
-        say(f"[2/4] writing the lean {hf_model.config.model_type} graph (opset {OPSET})")
-        packed = build_lean_onnx(hf_model, tmp / "model.onnx", pack_weights=pack, int8_compute=int8_compute)
+        say(f"[2/4] writing the lean {hf_model.config.model_type} graph (opset {OPSET}, {dtype})")
+        try:
+            packed = build_lean_onnx(hf_model, tmp / "model.onnx", pack_weights=pack, int8_compute=int8_compute,
+                                     dtype=dtype)
+        except NarrowingError as e:  # a weight that overflows fp16: one line, not a traceback
+            raise ExportError(f"cannot write the lean graph: {e}") from None
         if packed:
             say(f"      {packed} weight products kept as their exact blocks (lossless)"
                 + (", computed with int8 dot products" if int8_compute else ""))
@@ -155,9 +162,10 @@ def _check_compute(compute: str, dtype: str, quantize: str | None, graph: str, p
 
 
 def _choose_graph(graph: str, config: Any, opset: int | None, dtype: str = "fp32") -> str:
-    """Resolve "auto"; refuse "lean" where the lean builder does not support the model. fp16 is
-    for GPUs, where the lean graph's attention has no kernel (see runtime.providers), so "auto"
-    exports Optimum's graph for fp16."""
+    """Resolve "auto"; refuse "lean" where the lean builder does not support the model. "auto"
+    keeps Optimum's graph for fp16: the lean fp16 graph's attention (GroupQueryAttention with a
+    bias) needs onnxruntime-gpu >= 1.29 (runtime.providers), Optimum's runs on any CUDA build;
+    `--graph lean --dtype fp16` asks for the lean one."""
     from .lean import OPSET, supports
 
     why = supports(config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -71,21 +72,25 @@ def resolve_providers(
     fp16: bool = False,
     graph: str = "optimum",
     available: Sequence[str] | None = None,
+    ort_version: str | None = None,
 ) -> list[tuple[str, dict[str, Any]]]:
     """Turn a user's provider word into ORT's (name, options) list, CPU always last as fallback.
 
-    `auto` takes CUDA when this onnxruntime build has it, else CPU: TensorRT is only used when
-    asked, because its first engine build takes minutes. epic-ort's lean graph (`graph="lean"`)
-    runs on the CPU only: its attention, com.microsoft GroupQueryAttention with an additive bias
-    (left padding, EPIC's token trees), has no CUDA kernel in ONNX Runtime (the CUDA kernel refuses
-    attention_bias and has no fp32 version), so on a GPU every layer would round-trip the KV cache
-    through the host; `auto` then picks the CPU and `cuda`/`tensorrt` are refused."""
+    `auto` takes CUDA when this onnxruntime build has it (and can run the graph), else CPU:
+    TensorRT is only used when asked, because its first engine build takes minutes. epic-ort's
+    lean graph (`graph="lean"`) attends with com.microsoft GroupQueryAttention plus an additive
+    bias (left padding, EPIC's token trees); ONNX Runtime's CUDA kernel takes that bias from 1.29
+    on, for fp16 only (there is no float32 CUDA kernel), so a lean graph runs on a GPU only as an
+    fp16 export under onnxruntime >= 1.29 (`ort_version`, default the installed one). Anywhere
+    else every layer would round-trip the KV cache through the host: `auto` keeps such a graph
+    on the CPU and `cuda`/`tensorrt` refuse it."""
     if provider not in PROVIDERS:
         raise InvalidRequestError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
     have = list(available) if available is not None else available_providers()
     cpu = ("CPUExecutionProvider", {})
+    why_not = lean_gpu_refusal(fp16, have, ort_version) if graph == "lean" and provider != "cpu" else None
     if provider == "auto":
-        provider = "cuda" if _ORT_NAMES["cuda"] in have and graph != "lean" else "cpu"
+        provider = "cuda" if _ORT_NAMES["cuda"] in have and why_not is None else "cpu"
     if provider == "cpu":
         return [cpu]
     name = _ORT_NAMES[provider]
@@ -94,13 +99,8 @@ def resolve_providers(
             f"provider {provider!r} is not available in this onnxruntime build (it has: {', '.join(have)}); "
             "install onnxruntime-gpu (`pip uninstall -y onnxruntime && pip install onnxruntime-gpu`) on a machine with an NVIDIA GPU"
         )
-    if graph == "lean":
-        raise InvalidRequestError(
-            f"{model_dir} holds epic-ort's lean graph, whose attention runs on the CPU only in ONNX Runtime "
-            f"(GroupQueryAttention with an attention bias has no {dict(cuda='CUDA', tensorrt='TensorRT')[provider]} "
-            "kernel); for a GPU export with `epic-ort export MODEL DIR --graph optimum` (fp16: add --dtype fp16), "
-            "or use --provider cpu"
-        )
+    if why_not is not None:
+        raise InvalidRequestError(f"{model_dir} holds epic-ort's lean graph, which cannot run on {provider}: {why_not}")
     cuda = ("CUDAExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"})
     if provider == "cuda":
         return [cuda, cpu]
@@ -119,6 +119,38 @@ def resolve_providers(
         out.append(cuda)
     out.append(cpu)
     return out
+
+
+LEAN_GPU_ORT = (1, 29)  # the first onnxruntime whose CUDA GroupQueryAttention takes attention_bias (fp16/bf16)
+
+
+def lean_gpu_refusal(fp16: bool, available: Sequence[str], ort_version: str | None = None) -> str | None:
+    """Why a lean graph cannot run on CUDA here (None: it can), as the end of one sentence. TensorRT
+    has no GroupQueryAttention: it hands those nodes to CUDA, so CUDA is needed either way."""
+    if not fp16:
+        return ("its float32 attention (GroupQueryAttention with an attention bias) has no CUDA kernel; "
+                "re-export with `epic-ort export MODEL DIR --graph lean --dtype fp16`, or `--graph optimum`, "
+                "or use --provider cpu")
+    if _ORT_NAMES["cuda"] not in available:
+        return ("its attention runs on CUDA only and this onnxruntime build has no CUDAExecutionProvider; "
+                "install onnxruntime-gpu >= 1.29, or use --provider cpu")
+    version = ort_version if ort_version is not None else _installed_ort_version()
+    if _major_minor(version) < LEAN_GPU_ORT:
+        return (f"its attention bias needs onnxruntime-gpu >= 1.29 on CUDA (this is {version}); "
+                "`pip install -U onnxruntime-gpu`, or export with --graph optimum, or use --provider cpu")
+    return None
+
+
+def _installed_ort_version() -> str:
+    import onnxruntime as ort
+
+    return str(ort.__version__)
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    """(1, 29) of "1.29.0", "1.29.0.dev20250601" or "1.30.1+cu126"; (0, 0) when unreadable."""
+    match = re.match(r"\s*(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
 
 def device_of(providers: list[tuple[str, dict[str, Any]]]) -> str:

@@ -34,6 +34,12 @@ Sliding-window layers (Gemma 3's) see the keys within their window of each query
 window is counted over the keys a query sees (prelude._window_bias), which is the position
 distance both in left-padded rows and in token trees: no input carries key positions.
 
+"float" is float32, or float16 throughout (weights, activations, KV cache) in a `--dtype fp16`
+graph, whose logits are still float32 (cast once after the lm_head): the runtime samples and
+scores in float32 either way. fp16 is what ONNX Runtime's CUDA GroupQueryAttention runs with an
+attention bias (>= 1.29; it has no float32 kernel); on the CPU the fp16 graph runs too (ORT casts
+around the few kernels it lacks in fp16), which is how the tests check it.
+
 `epic_ort.runtime` runs both graphs, and their KV caches are interchangeable (keys are stored
 after rotary, as in transformers).
 
@@ -46,8 +52,8 @@ right away.
 
 from .architectures import ARCHITECTURES, Architecture, WeightNames, supports
 from .build import build_lean_onnx
-from .graph import MS_DOMAIN, OPSET
-from .prelude import MASKED_SCORE
+from .graph import FLOAT_TYPES, MS_DOMAIN, OPSET
+from .prelude import MASKED_SCORE, MASKED_SCORE_FP16
 
-__all__ = ["ARCHITECTURES", "MASKED_SCORE", "MS_DOMAIN", "OPSET", "Architecture", "WeightNames", "build_lean_onnx",
-           "supports"]
+__all__ = ["ARCHITECTURES", "FLOAT_TYPES", "MASKED_SCORE", "MASKED_SCORE_FP16", "MS_DOMAIN", "OPSET", "Architecture",
+           "WeightNames", "build_lean_onnx", "supports"]

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from .architectures import Dims, architecture_of, supports
-from .graph import OPSET, GraphBuilder, check, save
+from .graph import FLOAT_TYPES, OPSET, GraphBuilder, check, save
 from .layers import Layers, declare_io, decoder_layer, embed, lm_head, skip_norm
 from .prelude import build_prelude, inv_freqs
 from .projection import Projector
@@ -17,7 +17,7 @@ from ...runtime.graph import KV_CACHE_KEY, KV_CACHE_SHARED  # the runtime's meta
 
 
 def build_lean_onnx(hf_model: Any, path: Path, opset: int = OPSET, pack_weights: bool = True,
-                    int8_compute: bool = False) -> int:
+                    int8_compute: bool = False, dtype: str = "fp32") -> int:
     """Write `hf_model` (a transformers causal LM that `supports()` accepts, float32 or castable)
     as one lean ONNX graph at `path`, with the inputs/outputs of Optimum's
     text-generation-with-past export plus logits_index and tree_mask.
@@ -27,7 +27,9 @@ def build_lean_onnx(hf_model: Any, path: Path, opset: int = OPSET, pack_weights:
 
     pack_weights: keep weights that are exactly 4-bit blocks as 4-bit (lossless, see packing.py).
     int8_compute: multiply those (and exact Q8_0 weights, a tied lm_head included) with int8 dot
-    products (projection.py). Returns how many products were packed."""
+    products (projection.py).
+    dtype: "fp32", or "fp16" for GPUs: weights, activations and KV cache in float16, written as such
+    (not converted afterwards), logits float32. Returns how many products were packed."""
     import onnx
 
     config = hf_model.config
@@ -37,12 +39,16 @@ def build_lean_onnx(hf_model: Any, path: Path, opset: int = OPSET, pack_weights:
     if opset < OPSET or onnx.defs.onnx_opset_version() < opset:
         raise ValueError(f"the lean graph needs opset >= {OPSET} (RMSNormalization); "
                          f"this onnx {onnx.__version__} knows up to {onnx.defs.onnx_opset_version()}")
+    if dtype not in FLOAT_TYPES:
+        raise ValueError(f"dtype must be one of {tuple(FLOAT_TYPES)}")
+    if int8_compute and dtype != "fp32":
+        raise ValueError("int8 compute quantizes float32 activations; it needs dtype fp32")
     path = Path(path)
     arch = architecture_of(config)
     w = _numpy_weights(hf_model)
     names = arch.names
     dims = Dims.of(config, w[names.embed].shape)
-    g = GraphBuilder()
+    g = GraphBuilder(FLOAT_TYPES[dtype])
     windows = arch.windows(config) if arch.windowed else ()
     attention_cap, logit_cap = arch.softcapping(config)
     b = Layers(g, w, arch, dims, qkv_bias=arch.qkv_bias(config), o_bias=arch.o_bias(config),
@@ -63,7 +69,7 @@ def build_lean_onnx(hf_model: Any, path: Path, opset: int = OPSET, pack_weights:
         normed, h = skip_norm(b, "final_norm" if last else f"layers.{i + 1}/input_norm", out, h, gamma)
     lm_head(b, normed, _is_tied(w, names.embed, names.lm_head))
 
-    inputs, outputs = declare_io(dims)
+    inputs, outputs = declare_io(dims, g.float_elem)
     model = g.model(f"epic_ort_lean_{arch.model_type}", inputs, outputs, opset, {KV_CACHE_KEY: KV_CACHE_SHARED})
     check(model, g.weights)
     save(model, g.weights, path)

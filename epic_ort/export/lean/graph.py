@@ -24,26 +24,50 @@ BATCH, SEQ, CAPACITY = "batch_size", "sequence_length", "capacity"
 TOTAL = "past_length + sequence_length"
 LOGITS = "logits_count"
 PRESENT = "present_length"
+# --dtype -> the element type of the graph's activations, weights and KV cache (logits stay float32)
+FLOAT_TYPES = {"fp32": np.float32, "fp16": np.float16}
+
+
+class NarrowingError(ValueError):
+    """A float32 constant has no finite value in the graph's float type (fp16 tops out at 65504)."""
 
 
 class GraphBuilder:
     """Nodes, initializers and the type/shape of every intermediate tensor. The shapes go into
     value_info: onnx's shape inference stops at com.microsoft ops, and ORT's quantizer needs the
-    element type of every MatMul output."""
+    element type of every MatMul output.
 
-    def __init__(self) -> None:
+    `float_type` is the graph's one floating type: every float32 constant is stored in it and every
+    node output declared without a `dtype` has it. The builders write float32 numbers and never
+    think about fp16; a constant that does not fit (MASKED_SCORE's -1e30 would be -inf) is refused
+    here rather than turning into a NaN at run time."""
+
+    def __init__(self, float_type: Any = np.float32) -> None:
         from onnx import helper
 
         self.helper = helper
+        self.float_np = np.dtype(float_type)
+        self.float_elem = helper.np_dtype_to_tensor_dtype(self.float_np)
         self.nodes: list[Any] = []
         self.weights: list[tuple[str, np.ndarray]] = []
         self.value_info: list[Any] = []
         self._shared: set[str] = set()
 
     def const(self, name: str, value: Any, dtype: Any = None) -> str:
-        """An initializer; returns its name."""
-        self.weights.append((name, np.ascontiguousarray(np.asarray(value, dtype=dtype))))
+        """An initializer; returns its name. float32 values are stored in the graph's float type."""
+        a = np.asarray(value, dtype=dtype)
+        if a.dtype == np.float32 and self.float_np != a.dtype:
+            a = self._narrow(name, a)
+        self.weights.append((name, np.ascontiguousarray(a)))
         return name
+
+    def _narrow(self, name: str, a: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):  # an overflow is reported below, with the initializer's name
+            out = a.astype(self.float_np, order="C")
+        if not np.isfinite(out).all() and np.isfinite(a).all():
+            raise NarrowingError(f"initializer {name} does not fit in {self.float_np} (largest magnitude "
+                             f"{float(np.abs(a).max()):.3g}); export with --dtype fp32")
+        return out
 
     def shared_const(self, name: str, value: Any, dtype: Any = np.int64) -> str:
         """An initializer several nodes read, written on first use only: ONNX Runtime warns on
@@ -55,9 +79,11 @@ class GraphBuilder:
         return name
 
     def op(self, op_type: str, name: str, inputs: list[str], shapes: list[Any], outputs: list[str] | None = None,
-           dtype: int = 1, domain: str = "", **attrs: Any) -> Any:
+           dtype: int | None = None, domain: str = "", **attrs: Any) -> Any:
         """One node called `name`; `shapes` lists each output's shape (None: optional output left out),
-        `dtype` their element type. Returns the output name, or the list of them."""
+        `dtype` their element type (default: the graph's float type). Returns the output name, or the
+        list of them."""
+        dtype = self.float_elem if dtype is None else dtype
         outs = outputs or [f"{name}/out{i}" for i in range(len(shapes))]
         outs = [o if shape is not None else "" for o, shape in zip(outs, shapes)]
         self.nodes.append(self.helper.make_node(op_type, inputs, outs, name=name, domain=domain or None, **attrs))

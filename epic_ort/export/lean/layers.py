@@ -188,7 +188,8 @@ def lm_head(b: Layers, normed: str, tied: bool) -> None:
     flat = g.op("Reshape", "lm_head/flatten", [normed, g.const("lm_head/rows_hidden", [-1, d.hidden], np.int64)],
                 [[f"{BATCH} * {SEQ}", d.hidden]])
     picked = g.op("Gather", "lm_head/pick", [flat, "logits_index"], [[LOGITS, d.hidden]], axis=0)
-    out = "lm_head/uncapped" if b.logit_softcap else "logits"
+    final = "logits" if g.float_elem == _FLOAT else "lm_head/logits"  # fp16 graphs: cast to float32 below
+    out = "lm_head/uncapped" if b.logit_softcap else final
     eight = pack_eight_bit(b.w[names.embed]) if tied and b.project.int8_compute else None
     if eight is not None:  # int8 compute: the embedding's own Q8_0 blocks, a quarter of the bytes
         b.project.eight_bit("lm_head", picked, names.embed, eight, [LOGITS, d.vocab], output=out)
@@ -202,12 +203,15 @@ def lm_head(b: Layers, normed: str, tied: bool) -> None:
         cap = g.const("lm_head/softcap", b.logit_softcap, np.float32)
         scaled = g.op("Div", "lm_head/softcap_div", [out, cap], [[LOGITS, d.vocab]])
         capped = g.op("Tanh", "lm_head/softcap_tanh", [scaled], [[LOGITS, d.vocab]])
-        g.op("Mul", "lm_head/softcap_mul", [capped, cap], [[LOGITS, d.vocab]], outputs=["logits"])
+        g.op("Mul", "lm_head/softcap_mul", [capped, cap], [[LOGITS, d.vocab]], outputs=[final])
+    if final != "logits":
+        g.op("Cast", "lm_head/float32", [final], [[LOGITS, d.vocab]], outputs=["logits"], dtype=_FLOAT, to=_FLOAT)
 
 
-def declare_io(dims: Dims) -> tuple[list[Any], list[Any]]:
+def declare_io(dims: Dims, kv_type: int = _FLOAT) -> tuple[list[Any], list[Any]]:
     """The graph's inputs and outputs: Optimum's text-generation-with-past names, plus
-    logits_index and tree_mask."""
+    logits_index and tree_mask. `kv_type`: the cache's element type (the graph's float type);
+    the logits are float32 in every graph, so the runtime never converts them."""
     from onnx import helper
 
     def io(name: str, elem: int, shape: list[Any]) -> Any:
@@ -220,6 +224,6 @@ def declare_io(dims: Dims) -> tuple[list[Any], list[Any]]:
     outputs = [io("logits", _FLOAT, [LOGITS, dims.vocab])]
     for i in range(dims.layers):
         for kind in ("key", "value"):
-            inputs.append(io(f"past_key_values.{i}.{kind}", _FLOAT, [B, dims.kv_heads, CAPACITY, dims.head_dim]))
-            outputs.append(io(f"present.{i}.{kind}", _FLOAT, [B, dims.kv_heads, PRESENT, dims.head_dim]))
+            inputs.append(io(f"past_key_values.{i}.{kind}", kv_type, [B, dims.kv_heads, CAPACITY, dims.head_dim]))
+            outputs.append(io(f"present.{i}.{kind}", kv_type, [B, dims.kv_heads, PRESENT, dims.head_dim]))
     return inputs, outputs

@@ -13,6 +13,10 @@ from .architectures import Dims
 from .graph import BATCH, SEQ, TOTAL, GraphBuilder
 
 MASKED_SCORE = -1e30  # added to a masked key's score: finite, so a fully masked row is uniform, never NaN
+# fp16 tops out at 65504: -1e30 would be -inf, and a fully masked row (a left-padding query) NaN, which its
+# values then carry into every later layer's keys. -2**15 is exact in fp16, leaves room for any score added
+# to it, and exp() of it is 0 in every precision.
+MASKED_SCORE_FP16 = -32768.0
 _BOOL, _INT32, _INT64 = 9, 6, 7  # onnx.TensorProto element types
 
 
@@ -88,8 +92,9 @@ def _attention_bias(g: GraphBuilder) -> tuple[str, str, str, str, str]:
                 [["tree_batch", 1, "tree_queries", "tree_keys"]], dtype=_BOOL)
     mask = g.op("And", "mask/pad_causal", [pad, causal], [[B, 1, Q, T]], dtype=_BOOL)
     mask = g.op("And", "mask/all", [mask, tree], [[B, 1, Q, T]], dtype=_BOOL)
+    shut = MASKED_SCORE if g.float_np == np.float32 else MASKED_SCORE_FP16
     bias = g.op("Where", "mask/bias", [mask, g.const("mask/open", 0.0, np.float32),
-                                       g.const("mask/shut", MASKED_SCORE, np.float32)], [[B, 1, Q, T]])
+                                       g.const("mask/shut", shut, np.float32)], [[B, 1, Q, T]])
     return keys, mask, bias, total_1d, seq
 
 
@@ -133,8 +138,8 @@ def _attention_lengths(g: GraphBuilder, total_1d: str, seq: str) -> tuple[str, s
 def _rotary_tables(g: GraphBuilder, dims: Dims, inv_freq: np.ndarray, keys: str, suffix: str = ""
                    ) -> tuple[str, str, bool]:
     """cos/sin of [max_position_embeddings, head_dim / 2], computed in float64 from the model's own
-    inv_freq, so they also survive an fp16 conversion without the phase error of computing angles
-    in fp16.
+    inv_freq, so they also survive an fp16 graph (attention wants them in its own type) without the
+    phase error of computing angles in fp16.
 
     GroupQueryAttention's own rotary needs head_dim % 16 == 0 (every released Llama-family model);
     narrower heads (tiny test models) rotate in RotaryEmbedding nodes first: the same numbers.
