@@ -22,6 +22,19 @@ TEXT = (
 )
 
 
+def test_entropy_and_nll_hand_computed_and_against_float64():
+    logits = np.array([[0.0, np.log(3.0), -np.inf], [5.0, -np.inf, 5.0]], dtype=np.float32)
+    h, nll = scoring.entropy_and_nll(logits, np.array([0, 2]))
+    np.testing.assert_allclose(h, [-(0.25 * np.log(0.25) + 0.75 * np.log(0.75)), np.log(2.0)], atol=1e-7)
+    np.testing.assert_allclose(nll, [np.log(4.0), np.log(2.0)], atol=1e-7)
+    wide = (np.random.default_rng(0).standard_normal((6, 262144)) * 4).astype(np.float32)
+    targets = np.arange(6) * 1000
+    h, nll = scoring.entropy_and_nll(wide, targets)
+    logq = log_softmax(wide.astype(np.float64))
+    np.testing.assert_allclose(h, -(np.exp(logq) * logq).sum(-1), atol=1e-5)
+    np.testing.assert_allclose(nll, -logq[np.arange(6), targets], atol=1e-5)
+
+
 def _reference(model, prompt, cont):
     """Entropy and log-loss position by position, one prefill per prefix."""
     hs, nlls = [], []
