@@ -289,6 +289,20 @@ def test_judge_scores_every_row(tiny_llama, tiny_exports, tmp_path):
         assert m["judge_perplexity"] > 1
 
 
+def test_judge_methods_limit_what_the_judge_scores(tiny_llama, tiny_exports, tmp_path):
+    import epic_ort
+
+    judge = epic_ort.load(tiny_exports["gpt2"]["onnx"], provider="cpu")
+    report = evaluate(tiny_llama, [_corpus(tmp_path)], ["ancestral", "top-k=3"], judge=judge,
+                      judge_methods=["top-k=3"], out_dir=tmp_path / "j", **EVAL)
+    by_name = {m["name"]: m for m in report["methods"]}
+    assert by_name["ancestral"]["judge_perplexity"] is None and by_name["top-k=3"]["judge_perplexity"] > 1
+    assert report["human"]["judge_perplexity"] > 1
+    assert sorted(p.name.split(".")[0] for p in (tmp_path / "j" / "judge").iterdir()) == ["human", "top-k=3"]
+    with pytest.raises(InvalidRequestError, match="top-p=0.5"):
+        evaluate(tiny_llama, [_corpus(tmp_path)], ["ancestral"], judge=judge, judge_methods=["top-p=0.5"], **EVAL)
+
+
 def test_self_bleu_hand_computed():
     a, b, c = [1, 2, 3, 4, 5], [1, 2, 3, 4, 6], [7, 8, 9, 10, 11]
     # a against {b, c}: unigrams 4/5, bigrams 3/4, trigrams 2/3, 4-grams 1/2, equal lengths (no penalty)

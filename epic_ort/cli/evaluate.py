@@ -84,12 +84,15 @@ def describe_calibration(r: dict[str, Any]) -> str:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--judge", "judge_dir", type=click.Path(path_type=Path), default=None,
               help="A second exported model that scores every method's text and the human's (judge perplexity).")
+@click.option("--judge-methods", default=None,
+              help="Comma-separated methods (as --methods names them) for the judge to score, with the human text "
+                   "[default: all].")
 @click.option("--provider", type=PROVIDER, default="auto", show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Report, plot and the generations (a rerun resumes and reuses them).")
 def evaluate(model_dir: Path, corpus: tuple[Path, ...], methods: str | None, prompts: int, max_new_tokens: int,
              prompt_tokens: int, horizon: int, rollouts: int, batch_size: int, seed: int, judge_dir: Path | None,
-             provider: str, out_dir: Path) -> None:
+             judge_methods: str | None, provider: str, out_dir: Path) -> None:
     """Entropy calibration (EntCE), diversity and judge perplexity of EPIC and the classic samplers."""
     from ..evaluation import evaluate as run_evaluation
     from ..evaluation import format_table
@@ -99,6 +102,7 @@ def evaluate(model_dir: Path, corpus: tuple[Path, ...], methods: str | None, pro
     judge = load(judge_dir, provider=provider) if judge_dir is not None else None
     report = run_evaluation(model, list(corpus) or None, methods, prompts=prompts, max_new_tokens=max_new_tokens,
                             prompt_tokens=prompt_tokens, seed=seed, out_dir=out_dir, horizon=horizon,
-                            rollouts=rollouts, batch_size=batch_size, judge=judge, show_progress=True)
+                            rollouts=rollouts, batch_size=batch_size, judge=judge, show_progress=True,
+                            judge_methods=judge_methods.split(",") if judge_methods else None)
     click.echo(format_table(report))
     click.echo(f"wrote {out_dir}/report.json, report.md, plot.png")

@@ -63,15 +63,19 @@ class _Passages:
 
 def evaluate(model: CausalLM, corpus_paths: Sequence[str | os.PathLike] | None = None,
              methods: Sequence[str] | str | None = None, *, out_dir: str | os.PathLike | None = None,
-             judge: CausalLM | None = None, show_progress: bool | None = None, **settings: Any) -> dict[str, Any]:
+             judge: CausalLM | None = None, judge_methods: Sequence[str] | None = None,
+             show_progress: bool | None = None, **settings: Any) -> dict[str, Any]:
     """Run every method on the corpus passages, score them against the human continuations, write
     report.json / report.md / plot.png (and the generations) under `out_dir`, return the report.
     `methods`: specs (see methods.parse_method) or a comma-separated string; None: the defaults.
+    `judge_methods`: the methods the judge scores (with the human text; None: all of them): a judge
+    with a large vocabulary costs more per row than generating it.
     `settings`: EvaluationSettings' fields (prompts, max_new_tokens, ...)."""
     started = time.perf_counter()
     s = EvaluationSettings(**settings)
     s.validate()
     parsed = parse_methods(methods)
+    judged = _judged_names(parsed, judge_methods) if judge is not None else set()
     passages = _passages(model, corpus_paths, s)
     resolved = _resolve_auto(model, parsed, s, show_progress)
     judge_ = Judge(judge, s.batch_size) if judge is not None else None
@@ -81,7 +85,7 @@ def evaluate(model: CausalLM, corpus_paths: Sequence[str | os.PathLike] | None =
     stores = {"human": MethodStore(out_dir, "human", base_key)}
     stores.update({name: MethodStore(out_dir, name, {**base_key, "config": asdict(resolved[name]), "seed": s.seed})
                    for name, _ in parsed})
-    rows = len(stores) * (2 if judge_ else 1)  # human, the methods, and each judged again
+    rows = len(stores) + (1 + len(judged) if judge_ else 0)  # human, the methods, and those judged again
     bar = progress(total=rows * s.prompts * s.max_new_tokens, desc="evaluate", unit="tok", enable=show_progress)
     results: dict[str, Scored] = {}
     try:
@@ -91,7 +95,7 @@ def evaluate(model: CausalLM, corpus_paths: Sequence[str | os.PathLike] | None =
             bar.set_description(f"evaluate {name}")
             results[name] = _method(model, passages, resolved[name], stores[name], s, bar)
         if judge_ is not None:
-            for name, scored in [("human", human), *results.items()]:
+            for name, scored in [("human", human), *[(n, r) for n, r in results.items() if n in judged]]:
                 bar.set_description(f"judge {name}")
                 scored.judge_nll = _judged(model, passages, scored, judge_, stores[name].judge_store(out_dir, judge_.identity),
                                            s, bar)
@@ -103,6 +107,18 @@ def evaluate(model: CausalLM, corpus_paths: Sequence[str | os.PathLike] | None =
     if out_dir is not None:
         write_outputs(report, out_dir)
     return report
+
+
+def _judged_names(parsed: list[Method], judge_methods: Sequence[str] | None) -> set[str]:
+    names = [n for n, _ in parsed]
+    if judge_methods is None:
+        return set(names)
+    wanted = [m.strip() for m in judge_methods if m.strip()]
+    unknown = [m for m in wanted if m not in names]
+    if unknown:
+        raise InvalidRequestError(f"judge methods {', '.join(unknown)} are not among the evaluated methods "
+                                  f"({', '.join(names)})")
+    return set(wanted)
 
 
 def _passages(model: CausalLM, corpus_paths: Sequence[str | os.PathLike] | None, s: EvaluationSettings) -> _Passages:
