@@ -9,7 +9,9 @@ Arithmetic: float32 by default (accuracy_level 0: the model computes what transf
 float32 rounding). With `int8_compute` MatMulNBits quantizes each block of 32 activations to int8
 and multiplies with int8 dot products (accuracy_level 4: VNNI/AMX kernels in MLAS), and weights
 that are exact Q8_0 blocks (the tied lm_head of a GGUF with a Q8_0 embedding) become 8-bit
-MatMulNBits too: faster at every row count, at the cost of the activations' rounding.
+MatMulNBits too, at the cost of the activations' rounding. Whether that pays depends on the CPU's
+kernels and on the rows a call carries (one token a row when decoding, tens to hundreds in EPIC's
+trees): bench/int8_kernels.py measures it per machine.
 """
 
 from __future__ import annotations
