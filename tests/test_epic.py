@@ -14,7 +14,7 @@ import pytest
 
 import epic_ort
 from epic_ort.chooser import PlainChooser, Row
-from epic_ort.epic import tree
+from epic_ort.epic import segments, tree
 from epic_ort.epic.chooser import EpicChooser
 from epic_ort.epic.estimator import lookahead_entropy
 from epic_ort.epic.lazy import LazySearch, eager_gumbel_max, lazy_gumbel_max
@@ -212,7 +212,7 @@ def _merged_chisquare(counts, probs, min_expected=5.0):
     return chisquare(obs_m, exp_m).pvalue
 
 
-@pytest.mark.parametrize("layout", ["packed", "row-per-unit", "split", "in-place"])
+@pytest.mark.parametrize("layout", ["packed", "row-per-unit", "split", "in-place", "in-place-runs"])
 @pytest.mark.parametrize("pruned", [False, True])
 def test_token_tree_equals_forked_rows(tiny_llama, monkeypatch, pruned, layout):
     """The token-tree lookahead (candidates and rollouts as positions of a few model rows, over
@@ -224,8 +224,14 @@ def test_token_tree_equals_forked_rows(tiny_llama, monkeypatch, pruned, layout):
         monkeypatch.setattr(tree, "KEYS_PER_TOKEN", 1e-3)
     if layout == "split":  # the 30-candidate row takes 5 units of at most 6 candidates (12 rollout tokens)
         monkeypatch.setattr(tree, "MAX_UNIT_TOKENS", 12)
-    if layout == "in-place":  # no copy allowed: each batch row's tree runs in the room after its own cache
+    runs = []
+    if layout.startswith("in-place"):  # no copy allowed: each batch row's tree runs in the room after its own cache
         monkeypatch.setattr(tree, "packing_budget", lambda model, parents: 0)
+    if layout == "in-place":  # one call of all rows, padded to the widest tree
+        monkeypatch.setattr(segments, "CALL_TOKENS", 1e9)
+    if layout == "in-place-runs":  # rows of very different tree widths (1, 30, 3, 7) called in runs of similar width
+        real_runs = tree.forward_in_runs
+        monkeypatch.setattr(tree, "forward_in_runs", lambda model, cache, r, *a: runs.append(r) or real_runs(model, cache, r, *a))
     model = tiny_llama
     assert model.supports_trees
     V = model.vocab_size
@@ -242,12 +248,13 @@ def test_token_tree_equals_forked_rows(tiny_llama, monkeypatch, pruned, layout):
     monkeypatch.setattr(tree, "pack_units", lambda *a: blocks.setdefault("units", real_pack(*a)))
     trees = lookahead_entropy(model, cache, parents, tokens, u, 4, keep=keep)
     unit_parents = blocks["units"][2]
-    expected_shape = {"packed": (1, 4), "row-per-unit": (4, 1), "in-place": (4, 1)}.get(layout)
+    expected_shape = {"packed": (1, 4), "row-per-unit": (4, 1), "in-place": (4, 1), "in-place-runs": (4, 1)}.get(layout)
     if expected_shape:
         assert unit_parents.shape == expected_shape
     else:
         assert (unit_parents == 1).sum() == 5
-    if layout == "in-place":
+    assert bool(runs) == (layout == "in-place-runs") and (not runs or any(len(r) > 1 for r in runs))
+    if layout.startswith("in-place"):
         assert model.kv_in_place and np.array_equal(unit_parents[:, 0], np.arange(4))
         tree_cache = trees.first_cache.prefix
         assert tree_cache is cache and cache.capacity > cache.length and cache.writes.scratch

@@ -20,6 +20,7 @@ import numpy as np
 from ..runtime.cache import KVCache
 from ..runtime.model import CausalLM
 from .run_ahead import Continuation, Extends, Firsts, Given
+from .segments import can_split, forward_in_runs, split_units
 
 MAX_UNIT_TOKENS = 256  # tree tokens of one unit in one call (rotary tables also cap it at max_positions)
 KEYS_PER_TOKEN = 2000  # rough cost model: attending to this many keys costs about one token through the weights
@@ -72,10 +73,28 @@ class TreeRows:
             for a in range(ancestors.shape[1]):
                 tree[unit, col, ancestors[:, a]] = True
         self._make_room(width)
-        logits, self.cache = self.model.forward(ids, self.cache, real, positions=positions, tree_mask=tree,
-                                                logits_at=(unit, col), scratch=True)
+        runs = self._runs(unit, col, width)
+        if runs is None:
+            logits, self.cache = self.model.forward(ids, self.cache, real, positions=positions, tree_mask=tree,
+                                                    logits_at=(unit, col), scratch=True)
+        else:
+            logits, self.cache = forward_in_runs(self.model, self.cache, runs, ids, real, positions, tree, unit, col)
         self.calls += 1
         return logits, past + col
+
+    def _runs(self, unit: np.ndarray, col: np.ndarray, width: int) -> list[tuple[int, int]] | None:
+        """The runs of units to call one by one (segments.py), or None for one call of all units."""
+        units = int(self.unit_parents.shape[0])
+        if units == 1:
+            return None
+        if not self.in_prefix and self.cache.capacity < self.cache.length + width and self.cache.room_is_free:
+            self.cache.grow_room(width)  # before the runs' views are taken: a run must not move the buffers
+        if not can_split(self.model, self.cache) or self.cache.capacity < self.cache.length + width:
+            return None
+        widths = np.zeros(units, dtype=np.int64)
+        np.maximum.at(widths, unit, col + 1)
+        runs = split_units(widths, self.cache.length, KEYS_PER_TOKEN)
+        return None if runs == [(0, units)] else runs
 
     def _make_room(self, width: int) -> None:
         """Room for `width` more tree tokens: a tree in the decoding cache's own room grows that
