@@ -143,3 +143,11 @@ def test_prompt_that_looks_like_a_flag_value_warns(tiny_exports):
     assert "warning: prompt 1 is ','" in r.stderr and "--stop" in r.stderr
     quiet = run("generate", tiny_exports["llama"]["onnx"], "the cat", "a dog", "--max-new-tokens", "2")
     assert "warning" not in quiet.stderr
+
+
+def test_evaluate_help_lists_the_default_methods():
+    from epic_ort.evaluation import DEFAULT_METHODS
+
+    text = " ".join(run("evaluate", "--help").output.split())
+    listed = text.split("[default: epic,", 1)[1].split("]", 1)[0]
+    assert [m.strip() for m in ("epic," + listed).split(",")] == list(DEFAULT_METHODS)
