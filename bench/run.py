@@ -36,7 +36,7 @@ from epic_ort.fileio import write_bytes_atomic, write_text_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import NOTES, add_ratios, plot_results, table  # noqa: E402
-from workers import EPIC, GGUF_FILE, GGUF_PACKAGE, RESULT_MARK, build_prompts, worker_main  # noqa: E402
+from workers import DEFAULT_ALIAS, EPIC, RESULT_MARK, build_prompts, worker_main  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -111,7 +111,7 @@ def run_worker(args: argparse.Namespace, job: dict[str, Any], env: dict[str, str
         sys.executable, str(Path(__file__).resolve()), "--worker", job["engine"], "--mode", job["mode"],
         "--batch", str(job["batch"]), "--prompt-len", str(job["prompt_len"]), "--tokens", str(job["tokens"]),
         "--model-dir", str(args.model_dir), "--optimum-dir", str(args.optimum_dir), "--threads", str(args.threads),
-        "--seed", str(args.seed), "--repeats", str(job["repeats"]),
+        "--seed", str(args.seed), "--repeats", str(job["repeats"]), "--alias", args.alias,
     ] + (["--warmup-tokens", str(args.warmup_tokens)] if args.warmup_tokens else [])
     cmd += (["--distinct-prompts"] if args.distinct_prompts else [])
     t0 = time.perf_counter()
@@ -165,8 +165,8 @@ def header_text(info: dict[str, Any], args: argparse.Namespace) -> str:
         f"torch.set_num_threads({args.threads}), ONNX Runtime intra_op_num_threads={args.threads}, inter_op_num_threads=1; "
         "engines run one at a time, each in its own process.",
         f"Model: {args.model_dir} (epic-ort{_weights_note(args.model_dir)}), {args.optimum_dir} (Optimum's export of "
-        f"the same weights); transformers loads {GGUF_PACKAGE}/{GGUF_FILE}, "
-        "the GGUF the export was made from, dequantized to float32"
+        f"the same weights); transformers loads the GGUF of `{args.alias}`, "
+        "the file the export was made from, dequantized to float32"
         + ("; llama.cpp runs that GGUF file as it is (batch 1)." if "llama.cpp" in args.only else "."),
         f"Sampling: top_k=0, top_p=1, temperature 1, seed {args.seed}; transformers/Optimum use "
         "min_new_tokens=max_new_tokens; epic-ort has no min_new_tokens, so 'gen. tokens' shows what it produced. "
@@ -196,11 +196,11 @@ def parent_main(args: argparse.Namespace) -> int:
     model_dir = Path(args.model_dir)
     for name in ("model.onnx", "tokenizer.json", "config.json"):
         if not (model_dir / name).is_file():
-            print(f"error: {model_dir / name} is missing; export with `epic-ort export smollm2-135m {model_dir}`", file=sys.stderr)
+            print(f"error: {model_dir / name} is missing; export with `epic-ort export {args.alias} {model_dir}`", file=sys.stderr)
             return 2
     if "optimum" in args.only and not (Path(args.optimum_dir) / "model.onnx").is_file():
         print(f"exporting Optimum's graph for the Optimum anchor into {args.optimum_dir}", file=sys.stderr, flush=True)
-        subprocess.run([sys.executable, "-m", "epic_ort.cli.main", "export", "smollm2-135m", str(args.optimum_dir),
+        subprocess.run([sys.executable, "-m", "epic_ort.cli.main", "export", args.alias, str(args.optimum_dir),
                         "--graph", "optimum"], check=True)
     info = machine_info(args.threads)
     header = header_text(info, args)
@@ -270,6 +270,8 @@ def _ints(s: str) -> list[int]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default=str(REPO / "models" / "smollm2-135m"))
+    ap.add_argument("--alias", default=DEFAULT_ALIAS,
+                    help="the export alias --model-dir was made from: transformers and llama.cpp run its GGUF file")
     ap.add_argument("--optimum-dir", default=str(REPO / "models" / "smollm2-135m-optimum"),
                     help="Optimum's own export of the model, for the Optimum anchor (exported if missing)")
     ap.add_argument("--quick", action="store_true", help="16 plain / 8 EPIC tokens, batch 1 and 8, prompt 32 only")

