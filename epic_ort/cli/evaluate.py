@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from ..evaluation.methods import DEFAULT_METHODS
 from .options import PROVIDER
 
 
@@ -73,9 +74,8 @@ def describe_calibration(r: dict[str, Any]) -> str:
 @click.option("--corpus", "corpus", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Held-out real text (repeatable); default: the corpus shipped with epic-ort.")
 @click.option("--methods", default=None,
-              help="Comma-separated specs, e.g. epic,epic=0.15,temperature=auto,ancestral,top-p=0.9 [default: epic, "
-                   "temperature=auto, ancestral, temperature=0.7, top-k=50, top-p=0.9, top-p=0.95, min-p=0.05, min-p=0.1, "
-                   "typical-p=0.9, eta=0.0009, epsilon=0.0003, top-n-sigma=1.0, mirostat=5.0].")
+              help="Comma-separated specs, e.g. epic,epic=0.15,temperature=auto,ancestral,top-p=0.9 "
+                   f"[default: {', '.join(DEFAULT_METHODS)}].")
 @click.option("--prompts", type=click.IntRange(min=2), default=96, show_default=True, help="Passages.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True)

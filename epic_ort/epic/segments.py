@@ -67,7 +67,9 @@ def forward_in_runs(model: CausalLM, cache: KVCache, runs: list[tuple[int, int]]
     but finite)."""
     past, width = cache.length, ids.shape[1]
     logits: np.ndarray | None = None
+    filled = np.zeros(cache.rows, dtype=bool)
     for lo, hi in runs:
+        filled[lo:hi] = True
         mine = np.flatnonzero((unit >= lo) & (unit < hi))
         w = int(col[mine].max()) + 1
         part = cache.row_span(lo, hi - lo, cache.attention_mask[lo:hi], cache.next_position[lo:hi])
@@ -79,11 +81,9 @@ def forward_in_runs(model: CausalLM, cache: KVCache, runs: list[tuple[int, int]]
         logits[mine] = out
         for v in cache.values:
             v[lo:hi, :, past + w:past + width] = 0
-    filled = np.zeros(cache.rows, dtype=bool)
-    for lo, hi in runs:
-        filled[lo:hi] = True
-    for v in cache.values:
-        v[~filled, :, past:past + width] = 0
+    if not filled.all():
+        for v in cache.values:
+            v[~filled, :, past:past + width] = 0
     cache.writes.end, cache.writes.scratch = past + width, True  # type: ignore[union-attr]
     tree_cache = KVCache(values=cache.values, attention_mask=np.concatenate([cache.attention_mask, real], axis=1),
                          next_position=cache.next_position + real.sum(axis=1), writes=cache.writes)
