@@ -6,6 +6,8 @@ binds its present outputs to them and the attention appends there, so nothing is
 own slots are never written; continuing a cache a second time forks it (one gather per tensor), so
 no continuation is overwritten. The room past a cache may instead hold *scratch*: EPIC's token
 trees, which are written there, read back as columns, and dropped or kept as one appended token.
+A cache of OrtValues on a device (graphs that cannot write in place) is forked and extended there,
+by device_kv.py, never through the host.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
+
+from .device_kv import DeviceKV, is_device_tensor
 
 @dataclass
 class BufferWrites:
@@ -42,6 +46,17 @@ class KVCache:
     next_position: np.ndarray
     writes: BufferWrites | None = None  # NumPy buffers with room (in-place graphs) only
     bound: "_BoundBuffers | None" = field(default=None, repr=False, compare=False)
+    device_ops: DeviceKV | None = field(default=None, repr=False, compare=False)  # for OrtValue tensors
+
+    @property
+    def on_device(self) -> bool:
+        """The tensors are OrtValues that the model's provider forks where they live."""
+        return self.device_ops is not None and is_device_tensor(self.values[0])
+
+    def _like(self, values: list[Any], rows: np.ndarray | slice) -> "KVCache":
+        """A device cache of `values`, with this one's mask and positions at `rows`."""
+        return KVCache(values=values, attention_mask=self.attention_mask[rows], next_position=self.next_position[rows],
+                       device_ops=self.device_ops)
 
     @property
     def room_is_free(self) -> bool:
@@ -72,6 +87,9 @@ class KVCache:
         of rows. The copy keeps the room this cache has, or gets `room` free slots. Used for the
         fork that tiles a prefix to many lookahead rows, and to share one prefill among samples."""
         idx = np.asarray(rows, dtype=np.int64)
+        if self.on_device:  # no room: a device cache is never written in place
+            same = idx.size == self.rows and np.array_equal(idx, np.arange(self.rows))
+            return self._like(list(self.values) if same else self.device_ops.select(self.values, idx), idx)
         capacity = self.capacity if room is None else self.length + room
         if capacity == self.length == self.capacity:
             values, writes = [_take_rows(v, idx) for v in self.values], None
@@ -138,19 +156,24 @@ class KVCache:
         units, blocks = block_rows.shape
         src = np.maximum(block_rows, 0)
         length = self.length
+        mask = np.where(block_rows[..., None] < 0, 0, self.attention_mask[src]).reshape(units, -1)
+        if self.on_device:
+            return KVCache(values=self.device_ops.blocks(self.values, src), attention_mask=mask,
+                           next_position=np.zeros(units, dtype=np.int64), device_ops=self.device_ops)
         tensors = self.tensors()
         shape = (units, tensors[0].shape[1], blocks * length + room, tensors[0].shape[3])
         values = cache_buffers(len(tensors), shape, tensors[0].dtype)
         for a, out in zip(tensors, values):
             for b in range(blocks):
                 out[:, :, b * length:(b + 1) * length] = a[src[:, b]]
-        mask = np.where(block_rows[..., None] < 0, 0, self.attention_mask[src]).reshape(units, -1)
         return KVCache(values=values, attention_mask=mask, next_position=np.zeros(units, dtype=np.int64),
                        writes=BufferWrites(blocks * length) if room else None)
 
     def columns(self, rows: np.ndarray, slots: np.ndarray) -> list[np.ndarray]:
         """Per cache tensor, the key/value columns [n, kv_heads, head_dim] at (rows[i], slots[i]): a
         copy, so they outlive scratch that is overwritten later."""
+        if self.on_device:
+            return self.device_ops.columns(self.values, np.asarray(rows, np.int64), np.asarray(slots, np.int64))
         return [as_numpy(v)[rows, :, slots] for v in self.values]
 
     def write_scratch(self, rows: np.ndarray, cols: np.ndarray, columns: Sequence[np.ndarray], width: int
@@ -184,6 +207,10 @@ class KVCache:
         head_dim] per cache tensor), written into the room (there must be some): the token a
         lookahead already ran, kept without running it again."""
         n = self.length
+        if self.on_device:
+            mask = np.concatenate([self.attention_mask, np.ones((self.rows, 1), dtype=np.int64)], axis=1)
+            return KVCache(values=self.device_ops.append(self.values, columns), attention_mask=mask,
+                           next_position=self.next_position + 1, device_ops=self.device_ops)
         for v, col in zip(self.values, columns):
             v[:, :, n] = col[:, :, 0]
         if self.writes is not None:
@@ -200,6 +227,11 @@ class KVCache:
         lengths = {c.length for c in caches}
         if len(lengths) != 1:
             raise ValueError(f"cannot concat caches of lengths {sorted(lengths)}")
+        if all(c.on_device for c in caches):
+            return KVCache(values=caches[0].device_ops.concat([c.values for c in caches]),  # type: ignore[union-attr]
+                           attention_mask=np.concatenate([c.attention_mask for c in caches]),
+                           next_position=np.concatenate([c.next_position for c in caches]),
+                           device_ops=caches[0].device_ops)
         parts = [c.tensors() for c in caches]
         return KVCache(
             values=[np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))],
