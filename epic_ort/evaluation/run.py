@@ -85,28 +85,38 @@ def evaluate(model: CausalLM, corpus_paths: Sequence[str | os.PathLike] | None =
     stores = {"human": MethodStore(out_dir, "human", base_key)}
     stores.update({name: MethodStore(out_dir, name, {**base_key, "config": asdict(resolved[name]), "seed": s.seed})
                    for name, _ in parsed})
-    rows = len(stores) + (1 + len(judged) if judge_ else 0)  # human, the methods, and those judged again
-    bar = progress(total=rows * s.prompts * s.max_new_tokens, desc="evaluate", unit="tok", enable=show_progress)
+    stages = len(stores) + (1 + len(judged) if judge_ else 0)  # human, the methods, and those judged again
+    bar = _StageBars(stages, s.prompts * s.max_new_tokens, show_progress)
     results: dict[str, Scored] = {}
-    try:
-        bar.set_description("evaluate human")
-        human = _human(model, passages, stores["human"], s, bar)
-        for name, _ in parsed:
-            bar.set_description(f"evaluate {name}")
-            results[name] = _method(model, passages, resolved[name], stores[name], s, bar)
-        if judge_ is not None:
-            for name, scored in [("human", human), *[(n, r) for n, r in results.items() if n in judged]]:
-                bar.set_description(f"judge {name}")
-                scored.judge_nll = _judged(model, passages, scored, judge_, stores[name].judge_store(out_dir, judge_.identity),
-                                           s, bar)
-    finally:
-        bar.close()
+    with bar.stage("score human") as b:
+        human = _human(model, passages, stores["human"], s, b)
+    for name, _ in parsed:
+        with bar.stage(f"generate {name}") as b:
+            results[name] = _method(model, passages, resolved[name], stores[name], s, b)
+    if judge_ is not None:
+        for name, scored in [("human", human), *[(n, r) for n, r in results.items() if n in judged]]:
+            with bar.stage(f"judge {name}") as b:
+                store = stores[name].judge_store(out_dir, judge_.identity)
+                scored.judge_nll = _judged(model, passages, scored, judge_, store, s, b)
     report = build_report(model, passages.corpus, passages.positions, parsed, resolved, results, human, s,
                           judge_.identity if judge_ else None)
     report["seconds"] = round(time.perf_counter() - started, 3)
     if out_dir is not None:
         write_outputs(report, out_dir)
     return report
+
+
+class _StageBars:
+    """One bar per stage (scoring, each method, each judging), so that each rate and ETA is that
+    stage's own: EPIC generates tokens a hundred times slower than the base model scores them."""
+
+    def __init__(self, stages: int, total: int, enable: bool | None):
+        self.stages, self.total, self.enable, self.done = stages, total, enable, 0
+
+    def stage(self, name: str) -> Any:
+        self.done += 1
+        return progress(total=self.total, desc=f"evaluate [{self.done}/{self.stages}] {name}", unit="tok",
+                        enable=self.enable)
 
 
 def _judged_names(parsed: list[Method], judge_methods: Sequence[str] | None) -> set[str]:
