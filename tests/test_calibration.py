@@ -9,7 +9,7 @@ import pytest
 
 from epic_ort.calibration.calibrate import expected_entropy, fit_alpha, stratified_candidates
 from epic_ort.calibration.store import read_calibration, resolve_auto_alpha, resolve_auto_temperature
-from epic_ort.calibration.targets import calibrate
+from epic_ort.calibration.targets import FORMAT, calibrate
 from epic_ort.errors import CalibrationError
 
 
@@ -69,7 +69,7 @@ def _model_copy(tiny_exports, tmp_path):
 
 
 LOOKAHEAD = dict(horizon=2, rollouts=1, contexts=24, context_tokens=16, seed=3)
-ENTCE = dict(horizon=2, rollouts=1, contexts=12, context_tokens=16, new_tokens=12, passes=2, seed=3)
+ENTCE = dict(horizon=2, rollouts=1, contexts=12, context_tokens=16, new_tokens=12, passes=2, seed=3, target_contexts=12)
 
 
 def test_calibrate_reproducible_and_written(tiny_exports, tmp_path):
@@ -110,8 +110,8 @@ def test_entce_calibration_is_deterministic_and_an_old_file_is_replaced(tiny_exp
     # more surprise (alpha below 0, a hotter temperature)
     assert a["human_log_loss"] > a["epic_last_pass_surprisal"] and a["alpha"] < 0
     assert a["temperature"] > 1
-    # a file of an older epic-ort (format 1) is recalibrated with a one-line message, not used
-    (d / "epic_calibration.json").write_text(json.dumps({"format": "epic-ort-calibration/1", "alpha": 9.0,
+    # a file of an older epic-ort (format 2: 64-token fits) is recalibrated with a one-line message, not used
+    (d / "epic_calibration.json").write_text(json.dumps({"format": "epic-ort-calibration/2", "alpha": 9.0,
                                                          "alpha_se": 0.1, "horizon": 4, "rollouts": 2,
                                                          "model_sha256": model.manifest.model_sha256}))
     import epic_ort.calibration.store as store
@@ -124,7 +124,7 @@ def test_entce_calibration_is_deterministic_and_an_old_file_is_replaced(tiny_exp
         store.calibrate = real
     err = capsys.readouterr().err
     assert "older epic-ort" in err and "recalibrating" in err
-    assert alpha == a["alpha"] and read_calibration(d)["format"] == "epic-ort-calibration/2"
+    assert alpha == a["alpha"] and read_calibration(d)["format"] == FORMAT
 
 
 def _surprisal(model, contexts, config, batch=16):
@@ -169,3 +169,24 @@ def test_closed_loop_moves_generations_to_the_target(tiny_exports, tmp_path, kno
     assert gap0 > 3 * se0  # plain sampling is off target, so there is something to correct
     assert gap1 < gap0 - 2 * np.hypot(se0, se1)
     assert np.sign(result[knob] - (0.0 if knob == "alpha" else 1.0)) == np.sign(true_value - (0.0 if knob == "alpha" else 1.0))
+
+
+def test_the_entce_target_pools_more_human_passages_than_are_generated_from(tiny_exports, tmp_path):
+    """The target is the log loss over all `target_contexts` human continuations (token-weighted);
+    the contexts generated from are `contexts` of those passages, spread over the text."""
+    import epic_ort
+    from epic_ort.calibration.closed_loop import ClosedLoopSettings, human_log_loss
+    from epic_ort.calibration.corpus import context_at, load_corpus, sample_positions
+    from epic_ort.scoring import score_continuations
+
+    model = epic_ort.load(tiny_exports["llama"]["onnx"], provider="cpu")
+    corpus = load_corpus(model, [_tiny_corpus(tmp_path)])
+    s = ClosedLoopSettings(contexts=5, context_tokens=12, new_tokens=10, target_contexts=40, seed=2)
+    contexts, target = human_log_loss(model, corpus, s, show_progress=False)
+    positions = sample_positions(corpus, 40, 12, 10, 2)
+    every = [context_at(corpus, int(p), 12) for p in positions]
+    assert len(contexts) == 5 and contexts[0] == every[0] and contexts[-1] == every[-1]
+    assert all(c in every for c in contexts) and len({tuple(c) for c in contexts}) == 5
+    nll = np.concatenate([n for _, n in score_continuations(
+        model, every, [corpus.tokens[int(p): int(p) + 10].tolist() for p in positions])])
+    assert target == pytest.approx(nll.mean(), rel=1e-9)

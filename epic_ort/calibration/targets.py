@@ -25,7 +25,7 @@ from .closed_loop import ClosedLoopSettings, fit_knob, human_log_loss
 from .corpus import load_corpus
 
 CALIBRATION_NAME = "epic_calibration.json"
-FORMAT = "epic-ort-calibration/2"
+FORMAT = "epic-ort-calibration/3"  # 3: entce fits on 256-token generations (closed_loop.py)
 TARGETS = ("entce", "lookahead")
 DEFAULT_TARGET = "entce"
 
@@ -33,7 +33,7 @@ DEFAULT_TARGET = "entce"
 def calibrate(model: CausalLM, corpus_paths: Sequence[str | os.PathLike] | None = None, target: str = DEFAULT_TARGET,
               *, horizon: int = 4, rollouts: int = 2, seed: int = 0, contexts: int | None = None,
               context_tokens: int | None = None, new_tokens: int | None = None, passes: int | None = None,
-              write: bool = True, show_progress: bool | None = None) -> dict[str, Any]:
+              target_contexts: int | None = None, write: bool = True, show_progress: bool | None = None) -> dict[str, Any]:
     """Fit the calibration for `target` on the corpus (default: the one shipped with epic-ort) and
     write it, atomically, into the model folder. Unset sizes take the target's defaults."""
     if target not in TARGETS:
@@ -45,7 +45,8 @@ def calibrate(model: CausalLM, corpus_paths: Sequence[str | os.PathLike] | None 
                                                                                 seed=seed), **sizes),
                                      show_progress=show_progress)
     else:
-        sizes.update({k: v for k, v in (("new_tokens", new_tokens), ("passes", passes)) if v is not None})
+        sizes.update({k: v for k, v in (("new_tokens", new_tokens), ("passes", passes),
+                                        ("target_contexts", target_contexts)) if v is not None})
         s = replace(ClosedLoopSettings(horizon=horizon, rollouts=rollouts, seed=seed), **sizes)
         result = _entce(model, corpus, s, show_progress)
     result.update(target=target, corpus=corpus.describe(), model_sha256=model.manifest.model_sha256,
@@ -56,7 +57,7 @@ def calibrate(model: CausalLM, corpus_paths: Sequence[str | os.PathLike] | None 
 
 
 def _entce(model: CausalLM, corpus: Any, s: ClosedLoopSettings, show_progress: bool | None) -> dict[str, Any]:
-    contexts, target = human_log_loss(model, corpus, s)
+    contexts, target = human_log_loss(model, corpus, s, show_progress)
     epic = fit_knob(model, contexts, target, "alpha", s, show_progress)
     temp = fit_knob(model, contexts, target, "temperature", s, show_progress)
     return {
@@ -66,5 +67,5 @@ def _entce(model: CausalLM, corpus: Any, s: ClosedLoopSettings, show_progress: b
         "temperature_last_pass_surprisal": temp["last_pass_surprisal"],
         "alpha_trace": epic["trace"], "temperature_trace": temp["trace"],
         "horizon": s.horizon, "rollouts": s.rollouts, "contexts": s.contexts, "context_tokens": s.context_tokens,
-        "new_tokens": s.new_tokens, "passes": s.passes, "seed": s.seed,
+        "new_tokens": s.new_tokens, "passes": s.passes, "target_contexts": s.target_contexts, "seed": s.seed,
     }

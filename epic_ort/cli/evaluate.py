@@ -22,16 +22,18 @@ from .options import PROVIDER
 @click.option("--horizon", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--rollouts", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--contexts", type=click.IntRange(min=2), default=None,
-              help="Calibration passages [default: 32 for entce, 128 for lookahead].")
+              help="Calibration passages generated from [default: 16 for entce, 128 for lookahead].")
 @click.option("--context-tokens", type=click.IntRange(min=1), default=None, help="Prefix length [default: 128].")
 @click.option("--new-tokens", type=click.IntRange(min=2), default=None,
-              help="entce: tokens generated per passage and pass [default: 64].")
+              help="entce: tokens generated per passage and pass [default: 256].")
 @click.option("--passes", type=click.IntRange(min=1), default=None, help="entce: passes over the passages [default: 2].")
+@click.option("--target-contexts", type=click.IntRange(min=2), default=None,
+              help="entce: passages whose human continuations set the target log loss [default: 128].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--provider", type=PROVIDER, default="auto", show_default=True)
 def calibrate(model_dir: Path, corpus: tuple[Path, ...], target: str, horizon: int, rollouts: int,
               contexts: int | None, context_tokens: int | None, new_tokens: int | None, passes: int | None,
-              seed: int, provider: str) -> None:
+              target_contexts: int | None, seed: int, provider: str) -> None:
     """Fit EPIC's alpha on real text; writes MODEL_DIR/epic_calibration.json."""
     from ..calibration.targets import CALIBRATION_NAME
     from ..calibration.targets import calibrate as run_calibration
@@ -40,7 +42,7 @@ def calibrate(model_dir: Path, corpus: tuple[Path, ...], target: str, horizon: i
     model = load(model_dir, provider=provider)
     r = run_calibration(model, list(corpus) or None, target, horizon=horizon, rollouts=rollouts, seed=seed,
                         contexts=contexts, context_tokens=context_tokens, new_tokens=new_tokens, passes=passes,
-                        show_progress=True)
+                        target_contexts=target_contexts, show_progress=True)
     click.echo(describe_calibration(r) + f"\nwrote {Path(model_dir) / CALIBRATION_NAME}")
     if r.get("alpha_clipped"):
         click.echo("warning: alpha hit the edge of its search range; the fit is not reliable", err=True)
