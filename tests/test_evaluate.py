@@ -265,6 +265,11 @@ def test_evaluate_resumes_and_reuses(tiny_llama, tmp_path, monkeypatch):
     again = evaluate(tiny_llama, [corpus], ["ancestral", "epic=0.5"], out_dir=part, **EVAL)
     assert tiny_llama.calls.calls == calls
     assert [m["surprisal_rate"] for m in again["methods"]] == [m["surprisal_rate"] for m in resumed["methods"]]
+    moved = tmp_path / "elsewhere" / "same-text.txt"  # the text, not where it lies, keys the lines
+    moved.parent.mkdir()
+    moved.write_bytes(corpus.read_bytes())
+    evaluate(tiny_llama, [moved], ["ancestral", "epic=0.5"], out_dir=part, **EVAL)
+    assert tiny_llama.calls.calls == calls
     other = evaluate(tiny_llama, [corpus], ["ancestral"], out_dir=part, **{**EVAL, "max_new_tokens": 12})
     assert tiny_llama.calls.calls > calls  # other settings never read the stored lines
     assert other["methods"][0]["mean_tokens"] <= 12

@@ -79,7 +79,7 @@ def evaluate(model: CausalLM, corpus_paths: Sequence[str | os.PathLike] | None =
     passages = _passages(model, corpus_paths, s)
     resolved = _resolve_auto(model, parsed, s, show_progress)
     judge_ = Judge(judge, s.batch_size) if judge is not None else None
-    base_key = {"model": model.manifest.model_sha256, "corpus": passages.corpus.describe(),
+    base_key = {"model": model.manifest.model_sha256, "corpus": [f["sha256"] for f in passages.corpus.describe()],
                 "positions": [int(p) for p in passages.positions], "prompt_tokens": s.prompt_tokens,
                 "max_new_tokens": s.max_new_tokens}
     stores = {"human": MethodStore(out_dir, "human", base_key)}
