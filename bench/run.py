@@ -36,7 +36,8 @@ from epic_ort.fileio import write_bytes_atomic, write_text_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import NOTES, add_ratios, plot_results, table  # noqa: E402
-from workers import DEFAULT_ALIAS, EPIC, RESULT_MARK, build_prompts, worker_main  # noqa: E402
+from prompts import build_prompts  # noqa: E402
+from workers import DEFAULT_ALIAS, EPIC, RESULT_MARK, worker_main  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

@@ -1,12 +1,11 @@
 """The benchmark's workers: one engine, one configuration, one process (`python bench/run.py --worker ENGINE`),
-reporting one JSON line; and the prompts of exactly N tokens of real prose that every engine gets."""
+reporting one JSON line."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
-import re
 import statistics
 import sys
 import tempfile
@@ -15,69 +14,11 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-HERE = Path(__file__).resolve().parent
-DATA_DIR = HERE.parent / "epic_ort" / "data"
-PROSE_FILES = ("pride_and_prejudice_excerpt.txt", "sense_and_sensibility_excerpt.txt", "northanger_abbey_excerpt.txt")
+from prompts import build_prompts
+
 DEFAULT_ALIAS = "smollm2-135m"  # the GGUF the default export is made from (epic_ort.export.sources.ALIASES)
 RESULT_MARK = "BENCH_RESULT "
 EPIC = {"alpha": 0.2, "horizon": 4, "rollouts": 2}
-
-
-# ---------------------------------------------------------------------------------------------
-# prompts: exactly N tokens of real prose (BOS included, as every engine's tokenizer adds it)
-# ---------------------------------------------------------------------------------------------
-
-
-def _paragraphs() -> list[str]:
-    """The bundled prose with the hard line wraps undone: one string per paragraph."""
-    out: list[str] = []
-    for name in PROSE_FILES:
-        text = (DATA_DIR / name).read_text(encoding="utf-8")
-        for para in re.split(r"\n\s*\n", text):
-            para = " ".join(para.split())
-            if para:
-                out.append(para)
-    return out
-
-
-def build_prompts(tokenizer_json: Path, length: int, count: int = 1) -> list[dict[str, Any]]:
-    """`count` distinct prompts (different places in the prose) of exactly `length` tokens.
-
-    Takes the first tokens of a window, decodes them back to text and re-encodes the text
-    (BOS added, as the engines do) until the count is exactly `length`; refuses text that ends in
-    whitespace (a dangling space is a token no real prompt would end with). Prompts end mid-
-    sentence, so an end-of-sequence token within the next few hundred tokens is unlikely.
-    """
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(tokenizer_json))
-    paras = _paragraphs()
-    prompts = []
-    for i in range(count):
-        start = (i * 9) % len(paras)
-        chunk, j = [], start
-        while sum(len(c) for c in chunk) < length * 8 + 400:  # ~4 chars/token, plenty of margin
-            chunk.append(paras[j % len(paras)])
-            j += 1
-        ids = tok.encode("\n\n".join(chunk), add_special_tokens=False).ids
-        with_special = len(tok.encode("x", add_special_tokens=True).ids) - len(tok.encode("x", add_special_tokens=False).ids)
-        base = length - with_special
-        found = None
-        for delta in (0, -1, 1, -2, 2, -3, 3, -4, 4, -5, 5, -6, 6):
-            m = base + delta
-            if m < 1 or m > len(ids):
-                continue
-            text = tok.decode(ids[:m])
-            if not text or text != text.rstrip():
-                continue
-            check = tok.encode(text, add_special_tokens=True).ids
-            if len(check) == length:
-                found = {"text": text, "ids": list(check)}
-                break
-        if found is None:
-            raise RuntimeError(f"could not build a prompt of exactly {length} tokens from window {i}")
-        prompts.append(found)
-    return prompts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,10 +102,71 @@ def _timed(fn, repeats: int) -> tuple[list[float], Any]:
     return times, last
 
 
+class _Recorder:
+    """Wraps a chooser to keep each step's per-row stats (generate only keeps totals)."""
+
+    def __init__(self, inner):
+        self.inner, self.steps, self.row_steps = inner, 0, []
+        self.scratch_positions = inner.scratch_positions  # room EPIC's trees need in the cache
+
+    def choose(self, model, rows, logits, scores, cache):
+        res = self.inner.choose(model, rows, logits, scores, cache)
+        self.steps += 1
+        if res.row_stats is not None:
+            self.row_steps.extend(res.row_stats)
+        return res
+
+
+def _epic_ort_run(model, ids: list[list[int]], args: argparse.Namespace, alpha: float,
+                  tokens: int | None = None) -> dict[str, Any]:
+    """One timed unit: every prompt generated once at this alpha (0: plain sampling)."""
+    import epic_ort
+    from epic_ort.decoding import GenerationConfig, make_chooser
+
+    cfg = GenerationConfig(max_new_tokens=tokens or args.tokens, temperature=1.0, top_k=0, top_p=1.0,
+                           seed=args.seed, alpha=alpha, horizon=EPIC["horizon"], rollouts=EPIC["rollouts"])
+    rec = _Recorder(make_chooser(cfg))
+    calls0, rows0 = model.calls.calls, model.calls.positions
+    samples = list(epic_ort.generate(model, prompt_ids=ids, config=cfg, batch_size=args.batch, chooser=rec))
+    return {"samples": samples, "rec": rec,
+            "ort_calls": model.calls.calls - calls0, "ort_positions": model.calls.positions - rows0}
+
+
+def _search_stats(samples, rec: _Recorder, generated: int) -> dict[str, Any]:
+    """EPIC's per-token and per-step costs: entropy evaluations, pruned rollouts, calls, tree tokens."""
+    out: dict[str, Any] = {}
+    for key, name in (("entropy_evals", "evals"), ("rollouts_skipped", "rollouts_skipped"),
+                      ("forward_passes", "forward_passes"), ("lookahead_tokens", "lookahead_tokens")):
+        vals = [float(r.get(key, 0)) for r in rec.row_steps]
+        out[f"{name}_per_token"] = sum(float(s.stats.get(key, 0)) for s in samples) / generated
+        out[f"{name}_per_step_mean"] = statistics.fmean(vals)
+        out[f"{name}_per_step_p95"] = _pct(vals, 95)
+    return out
+
+
+def _epic_ort_summary(times: list[float], last: dict[str, Any]) -> dict[str, Any]:
+    samples, rec = last["samples"], last["rec"]
+    generated = sum(int(s.stats["tokens"]) for s in samples)
+    wall = statistics.median(times)
+    ordered = sorted(samples, key=lambda s: (s.prompt_index, s.sample_index))
+    out = {
+        "tokens_sha1": _sha([s.token_ids for s in ordered]),
+        "seconds": wall, "seconds_all": times, "generated_tokens": generated,
+        "tokens_per_s": generated / wall, "seconds_per_token": wall / generated,
+        "finish_reasons": {r: sum(s.finish_reason == r for s in samples) for r in {s.finish_reason for s in samples}},
+        "steps": rec.steps, "ort_calls": last["ort_calls"], "ort_positions": last["ort_positions"],
+        "ort_calls_per_step": last["ort_calls"] / max(rec.steps, 1),
+        "ort_positions_per_token": last["ort_positions"] / generated,
+    }
+    if rec.row_steps:
+        out.update(_search_stats(samples, rec, generated))
+    else:  # plain sampling: each row takes part in one ORT call per token (prefill included)
+        out["forward_passes_per_token"] = last["ort_calls"] / max(max(int(s.stats["tokens"]) for s in samples), 1)
+    return out
+
+
 def worker_epic_ort(args: argparse.Namespace) -> dict[str, Any]:
     import epic_ort
-    from epic_ort.chooser import StepResult
-    from epic_ort.decoding import GenerationConfig, make_chooser
 
     prompts = _worker_prompts(args)
     t0 = time.perf_counter()
@@ -172,91 +174,29 @@ def worker_epic_ort(args: argparse.Namespace) -> dict[str, Any]:
     load_s = time.perf_counter() - t0
     rss_loaded = _rss_now_mb()
     ids = [model.encode(p["text"]) for p in prompts]
-
-    def config(alpha: float, tokens: int) -> GenerationConfig:
-        return GenerationConfig(
-            max_new_tokens=tokens, temperature=1.0, top_k=0, top_p=1.0, seed=args.seed,
-            alpha=alpha, horizon=EPIC["horizon"], rollouts=EPIC["rollouts"],
-        )
-
-    class Recorder:
-        """Wraps a chooser to keep each step's per-row stats (generate only keeps totals)."""
-
-        def __init__(self, inner):
-            self.inner, self.steps, self.row_steps = inner, 0, []
-            self.scratch_positions = inner.scratch_positions  # room EPIC's trees need in the cache
-
-        def choose(self, model, rows, logits, scores, cache) -> StepResult:
-            res = self.inner.choose(model, rows, logits, scores, cache)
-            self.steps += 1
-            if res.row_stats is not None:
-                self.row_steps.extend(res.row_stats)
-            return res
-
-    def run(alpha: float, tokens: int | None = None) -> dict[str, Any]:
-        cfg = config(alpha, tokens or args.tokens)
-        rec = Recorder(make_chooser(cfg))
-        calls0, rows0 = model.calls.calls, model.calls.positions
-        samples = list(epic_ort.generate(model, prompt_ids=ids, config=cfg, batch_size=args.batch, chooser=rec))
-        return {
-            "samples": samples, "rec": rec,
-            "ort_calls": model.calls.calls - calls0, "ort_positions": model.calls.positions - rows0,
-        }
-
-    def summarize(times: list[float], last: dict[str, Any]) -> dict[str, Any]:
-        samples, rec = last["samples"], last["rec"]
-        generated = sum(int(s.stats["tokens"]) for s in samples)
-        wall = statistics.median(times)
-        out = {
-            "tokens_sha1": _sha([s.token_ids for s in sorted(samples, key=lambda s: (s.prompt_index, s.sample_index))]),
-            "seconds": wall,
-            "seconds_all": times,
-            "generated_tokens": generated,
-            "tokens_per_s": generated / wall,
-            "seconds_per_token": wall / generated,
-            "finish_reasons": {r: sum(s.finish_reason == r for s in samples) for r in {s.finish_reason for s in samples}},
-            "steps": rec.steps,
-            "ort_calls": last["ort_calls"],
-            "ort_positions": last["ort_positions"],
-            "ort_calls_per_step": last["ort_calls"] / max(rec.steps, 1),
-            "ort_positions_per_token": last["ort_positions"] / generated,
-        }
-        if rec.row_steps:
-            for key, name in (("entropy_evals", "evals"), ("rollouts_skipped", "rollouts_skipped"),
-                              ("forward_passes", "forward_passes"), ("lookahead_tokens", "lookahead_tokens")):
-                vals = [float(r.get(key, 0)) for r in rec.row_steps]
-                total = sum(float(s.stats.get(key, 0)) for s in samples)
-                out[f"{name}_per_token"] = total / generated
-                out[f"{name}_per_step_mean"] = statistics.fmean(vals)
-                out[f"{name}_per_step_p95"] = _pct(vals, 95)
-        else:
-            # plain sampling: each row takes part in one ORT call per token (prefill included)
-            out["forward_passes_per_token"] = last["ort_calls"] / max(max(int(s.stats["tokens"]) for s in samples), 1)
-        return out
-
     result: dict[str, Any] = {
         "load_seconds": load_s, "rss_after_load_mb": rss_loaded,
         "prompt_tokens": [len(i) for i in ids], "prompt_ids_match": _check_ids(ids, prompts),
         "session_threads": {"intra_op": args.threads, "inter_op": 1},
     }
+    run = lambda alpha, tokens=None: _epic_ort_run(model, ids, args, alpha, tokens)  # noqa: E731
     if args.mode == "plain":
         run(0.0, args.warmup_tokens)  # warm-up
-        times, last = _timed(lambda: run(0.0), args.repeats)
-        result.update(summarize(times, last))
-    else:
-        run(EPIC["alpha"], args.warmup_tokens)  # warm-ups, both modes, untimed
-        run(0.0, args.warmup_tokens)
-        epic_times, plain_times, epic_last, plain_last = [], [], None, None
-        for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
-            t, epic_last = _timed(lambda: run(EPIC["alpha"]), 1)
-            epic_times += t
-            t, plain_last = _timed(lambda: run(0.0), 1)
-            plain_times += t
-        result.update(summarize(epic_times, epic_last))
-        plain = summarize(plain_times, plain_last)
-        result["plain_same_worker"] = plain
-        result["epic_time_per_token_over_plain"] = result["seconds_per_token"] / plain["seconds_per_token"]
-        result["epic"] = dict(EPIC)
+        result.update(_epic_ort_summary(*_timed(lambda: run(0.0), args.repeats)))
+        return result
+    run(EPIC["alpha"], args.warmup_tokens)  # warm-ups, both modes, untimed
+    run(0.0, args.warmup_tokens)
+    epic_times, plain_times, epic_last, plain_last = [], [], None, None
+    for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
+        t, epic_last = _timed(lambda: run(EPIC["alpha"]), 1)
+        epic_times += t
+        t, plain_last = _timed(lambda: run(0.0), 1)
+        plain_times += t
+    result.update(_epic_ort_summary(epic_times, epic_last))
+    plain = _epic_ort_summary(plain_times, plain_last)
+    result["plain_same_worker"] = plain
+    result["epic_time_per_token_over_plain"] = result["seconds_per_token"] / plain["seconds_per_token"]
+    result["epic"] = dict(EPIC)
     return result
 
 
