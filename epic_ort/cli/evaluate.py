@@ -22,13 +22,13 @@ from .options import PROVIDER
 @click.option("--horizon", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--rollouts", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--contexts", type=click.IntRange(min=2), default=None,
-              help="Calibration passages generated from [default: 16 for entce, 128 for lookahead].")
+              help="Calibration passages generated from [default: 32 for entce, 128 for lookahead].")
 @click.option("--context-tokens", type=click.IntRange(min=1), default=None, help="Prefix length [default: 128].")
 @click.option("--new-tokens", type=click.IntRange(min=2), default=None,
-              help="entce: tokens generated per passage and pass [default: 256].")
+              help="entce: tokens generated per passage and pass [default: 64].")
 @click.option("--passes", type=click.IntRange(min=1), default=None, help="entce: passes over the passages [default: 2].")
 @click.option("--target-contexts", type=click.IntRange(min=2), default=None,
-              help="entce: passages whose human continuations set the target log loss [default: 128].")
+              help="entce: passages whose human continuations set the target log loss [default: 32, the generated ones].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--provider", type=PROVIDER, default="auto", show_default=True)
 def calibrate(model_dir: Path, corpus: tuple[Path, ...], target: str, horizon: int, rollouts: int,
