@@ -193,6 +193,34 @@ def _write_atomic(path: Path, text: str) -> None:
     write_text_atomic(path, text)
 
 
+def worker_env(threads: int) -> dict[str, str]:
+    """The workers' environment: every engine on the same thread count, the libraries quiet and offline."""
+    env = dict(os.environ)
+    for var in THREAD_VARS:
+        env[var] = str(threads)
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+def run_jobs(args: argparse.Namespace, jobs: list[dict[str, Any]], env: dict[str, str]) -> list[dict[str, Any]]:
+    results = []
+    for i, job in enumerate(jobs, 1):
+        label = f"[{i}/{len(jobs)}] {job['engine']} {job['mode']} batch {job['batch']} prompt {job['prompt_len']} tokens {job['tokens']}"
+        print(label + " ...", file=sys.stderr, flush=True)
+        res = run_worker(args, job, env)
+        results.append(res)
+        if "warning" in res:
+            print(f"    WARNING: {res['warning']}", file=sys.stderr, flush=True)
+        if "error" in res:
+            print(f"    FAILED: {res['error']}", file=sys.stderr, flush=True)
+        else:
+            print(f"    {res['tokens_per_s']:.1f} tokens/s, peak RSS {res['peak_rss_mb']:.0f} MB ({res['worker_seconds']:.0f}s)", file=sys.stderr, flush=True)
+    return results
+
+
 def parent_main(args: argparse.Namespace) -> int:
     model_dir = Path(args.model_dir)
     for name in ("model.onnx", "tokenizer.json", "config.json"):
@@ -210,27 +238,8 @@ def parent_main(args: argparse.Namespace) -> int:
     for p in args.prompt_lengths:
         count = max(args.batches) if args.distinct_prompts else 1
         build_prompts(model_dir / "tokenizer.json", p, count)
-    env = dict(os.environ)
-    for var in THREAD_VARS:
-        env[var] = str(args.threads)
-    env["TOKENIZERS_PARALLELISM"] = "false"
-    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env["PYTHONWARNINGS"] = "ignore"
-    jobs = plan(args)
-    results = []
     t_all = time.perf_counter()
-    for i, job in enumerate(jobs, 1):
-        label = f"[{i}/{len(jobs)}] {job['engine']} {job['mode']} batch {job['batch']} prompt {job['prompt_len']} tokens {job['tokens']}"
-        print(label + " ...", file=sys.stderr, flush=True)
-        res = run_worker(args, job, env)
-        results.append(res)
-        if "warning" in res:
-            print(f"    WARNING: {res['warning']}", file=sys.stderr, flush=True)
-        if "error" in res:
-            print(f"    FAILED: {res['error']}", file=sys.stderr, flush=True)
-        else:
-            print(f"    {res['tokens_per_s']:.1f} tokens/s, peak RSS {res['peak_rss_mb']:.0f} MB ({res['worker_seconds']:.0f}s)", file=sys.stderr, flush=True)
+    results = run_jobs(args, plan(args), worker_env(args.threads))
     add_ratios(results)
     md_table = table(results)
     print()

@@ -33,6 +33,18 @@ GRAPHS = ("auto", "lean", "optimum")
 COMPUTES = ("fp32", "int8")
 
 
+def _check_options(graph: str, dtype: str, quantize: str | None, compute: str, pack: bool) -> None:
+    if graph not in GRAPHS:
+        raise ExportError(f"graph must be one of {GRAPHS}")
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype must be one of {DTYPES}")
+    if quantize not in QUANTIZATIONS:
+        raise ExportError(f"quantize must be one of {QUANTIZATIONS[1:]}")
+    if quantize and dtype != "fp32":
+        raise ExportError(f"--quantize {quantize} starts from an fp32 export; drop --dtype fp16")
+    _check_compute(compute, dtype, quantize, graph, pack)
+
+
 def export(
     model: str,
     output_dir: str | os.PathLike,
@@ -55,15 +67,7 @@ def export(
     4-bit: the same numbers in 5 bits instead of 32 (export/packing.py). False stores them as floats.
     compute: "int8" runs those blocks (and a Q8_0 lm_head as 8-bit blocks) with int8 dot products,
     activations quantized per block (lean/projection.py); "fp32" computes in float32."""
-    if graph not in GRAPHS:
-        raise ExportError(f"graph must be one of {GRAPHS}")
-    if dtype not in DTYPES:
-        raise ExportError(f"dtype must be one of {DTYPES}")
-    if quantize not in QUANTIZATIONS:
-        raise ExportError(f"quantize must be one of {QUANTIZATIONS[1:]}")
-    if quantize and dtype != "fp32":
-        raise ExportError(f"--quantize {quantize} starts from an fp32 export; drop --dtype fp16")
-    _check_compute(compute, dtype, quantize, graph, pack)
+    _check_options(graph, dtype, quantize, compute, pack)
     out = Path(output_dir)
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
@@ -98,10 +102,8 @@ def export(
             raise ExportError(f"{model!r} has no fast tokenizer (tokenizer.json); epic-ort's runtime needs one")
         _post_process(tmp / "model.onnx", "fp32" if graph == "lean" else dtype, quantize, say)  # lean: built in fp16
         manifest = _build_manifest(tmp, hf_model.config, tokenizer, description, dtype, opset, quantize, graph)
-        if graph == "lean":
-            manifest.extra["packed_products"] = packed
-        if compute != "fp32":
-            manifest.extra["compute"] = compute
+        manifest.extra.update({"packed_products": packed} if graph == "lean" else {})
+        manifest.extra.update({"compute": compute} if compute != "fp32" else {})
         write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
         say(f"[4/4] wrote {out}")
     return manifest

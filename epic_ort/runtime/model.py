@@ -174,9 +174,7 @@ class CausalLM:
         rows, t = input_ids.shape
         input_mask = np.ones((rows, t), dtype=np.int64) if input_mask is None else np.asarray(input_mask, np.int64)
         mask = np.concatenate([cache.attention_mask, input_mask], axis=1)
-        if positions is None:
-            positions = cache.next_position[:, None] + np.cumsum(input_mask, axis=1) - 1
-            positions = np.where(input_mask == 0, 1, positions)
+        positions = _position_ids(cache, input_mask) if positions is None else positions
         if tree_mask is not None and not self.spec.tree_mask:
             raise ValueError("this graph takes no tree_mask (export with --graph lean)")
         in_place = self.kv_in_place
@@ -197,14 +195,11 @@ class CausalLM:
         outputs = binding.get_outputs() if logits_out is None or any(v is None for v in views) else [None] * (1 + len(views))
         logits = self._shape_logits(outputs[0].numpy() if logits_out is None else logits_out, rows, t, wanted,
                                     logits_at, last_only)
-        new_cache = KVCache(
-            values=[v if v is not None else o for v, o in zip(views, outputs[1:])],
-            attention_mask=mask,
-            next_position=cache.next_position + input_mask.sum(axis=1),
-            writes=cache.writes if in_place else None,
-            bound=_BoundBuffers(binding, list(cache.values)) if in_place else None,
-            device_ops=self.device_ops if self.forks_on_device and not in_place else None,
-        )
+        new_cache = KVCache(values=[v if v is not None else o for v, o in zip(views, outputs[1:])],
+                            attention_mask=mask, next_position=cache.next_position + input_mask.sum(axis=1),
+                            writes=cache.writes if in_place else None,
+                            bound=_BoundBuffers(binding, list(cache.values)) if in_place else None,
+                            device_ops=self.device_ops if self.forks_on_device and not in_place else None)
         return logits, new_cache
 
     def _bind_step_inputs(self, binding: Any, input_ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
@@ -313,6 +308,12 @@ class CausalLM:
 
 
 _NO_TREE = np.ones((1, 1, 1), dtype=bool)  # broadcast: padding and causality alone
+
+
+def _position_ids(cache: KVCache, input_mask: np.ndarray) -> np.ndarray:
+    """As transformers' generate(): the running count of real tokens minus one, padding set to 1."""
+    positions = cache.next_position[:, None] + np.cumsum(input_mask, axis=1) - 1
+    return np.where(input_mask == 0, 1, positions)
 
 
 def _wanted_logits(rows: int, t: int, last_only: bool, logits_at: tuple[np.ndarray, np.ndarray] | None
