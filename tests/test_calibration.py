@@ -110,7 +110,7 @@ def test_entce_calibration_is_deterministic_and_an_old_file_is_replaced(tiny_exp
     # more surprise (alpha below 0, a hotter temperature)
     assert a["human_log_loss"] > a["epic_last_pass_surprisal"] and a["alpha"] < 0
     assert a["temperature"] > 1
-    # a file of an older epic-ort (format 2: 64-token fits) is recalibrated with a one-line message, not used
+    # a file of an older epic-ort (format 2, before target_contexts) is recalibrated with a one-line message, not used
     (d / "epic_calibration.json").write_text(json.dumps({"format": "epic-ort-calibration/2", "alpha": 9.0,
                                                          "alpha_se": 0.1, "horizon": 4, "rollouts": 2,
                                                          "model_sha256": model.manifest.model_sha256}))

@@ -25,7 +25,7 @@ from .closed_loop import ClosedLoopSettings, fit_knob, human_log_loss
 from .corpus import load_corpus
 
 CALIBRATION_NAME = "epic_calibration.json"
-FORMAT = "epic-ort-calibration/3"  # 3: entce fits on 256-token generations (closed_loop.py)
+FORMAT = "epic-ort-calibration/3"  # 3: entce records target_contexts (closed_loop.py)
 TARGETS = ("entce", "lookahead")
 DEFAULT_TARGET = "entce"
 

@@ -28,7 +28,7 @@ from .options import PROVIDER
               help="entce: tokens generated per passage and pass [default: 64].")
 @click.option("--passes", type=click.IntRange(min=1), default=None, help="entce: passes over the passages [default: 2].")
 @click.option("--target-contexts", type=click.IntRange(min=2), default=None,
-              help="entce: passages whose human continuations set the target log loss [default: 32, the generated ones].")
+              help="entce: passages whose human continuations set the target log loss [default: 32, never fewer than --contexts].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--provider", type=PROVIDER, default="auto", show_default=True)
 def calibrate(model_dir: Path, corpus: tuple[Path, ...], target: str, horizon: int, rollouts: int,

@@ -102,8 +102,10 @@ def export(
             raise ExportError(f"{model!r} has no fast tokenizer (tokenizer.json); epic-ort's runtime needs one")
         _post_process(tmp / "model.onnx", "fp32" if graph == "lean" else dtype, quantize, say)  # lean: built in fp16
         manifest = _build_manifest(tmp, hf_model.config, tokenizer, description, dtype, opset, quantize, graph)
-        manifest.extra.update({"packed_products": packed} if graph == "lean" else {})
-        manifest.extra.update({"compute": compute} if compute != "fp32" else {})
+        if graph == "lean":
+            manifest.extra["packed_products"] = packed
+        if compute != "fp32":
+            manifest.extra["compute"] = compute
         write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())
         say(f"[4/4] wrote {out}")
     return manifest
