@@ -462,6 +462,58 @@ def test_pruner_stops_what_cannot_win_and_later_rounds_nothing_else():
     assert kept[0.0, 1][0] < kept[0.0, 1][1]  # slack 0: the first round stops more
 
 
+def test_pruner_keeps_the_expected_best_for_a_vanishing_alpha():
+    """An alpha like 7e-18 (a controller stepping 0.02 up and down lands there) makes a·slack vanish in
+    rounding (1e-22 here, so that it vanishes against any bound): the first round's test must still let the candidate expected to be best go on, or a
+    row whose every candidate stopped has no score to bound its next round by."""
+    V, k = 50, 4
+    rng = np.random.default_rng(5)
+    for alpha in (1e-22, -1e-22):
+        search = LazySearch(log_softmax(rng.standard_normal(V)), gumbel(rng, V), alpha, k * math.log(V))
+        toks = np.argsort(-search.bound)[:6]
+        lower = rng.uniform(0.0, 3.0, size=toks.size)
+        keep = RolloutPruner(alpha=alpha, horizon=k).keep_for_call([RowMemory()], [search], [0] * toks.size,
+                                                                   toks.tolist(), expected=True)
+        go = keep(np.arange(toks.size), lower, 1)
+        assert go[0], alpha  # the top bound: the expected best when alpha is ~0
+
+
+class _StopEveryRollout:
+    """A pruner that stops every candidate in the first round, so no row has a score after it."""
+
+    def keep_for_call(self, memories, searches, parents, tokens, expected):
+        return (lambda idx, lower, terms: np.zeros(idx.size, dtype=bool)) if expected else None
+
+
+@pytest.mark.parametrize("alpha", [0.5, 7e-18])
+def test_a_row_left_without_a_score_proposes_a_block_not_its_support(tiny_llama, alpha):
+    """After a round in which all of a row's candidates stopped early, "every candidate that can still
+    win" is the whole support; the row proposes a block by bound instead, and the sample is unchanged."""
+    model, k, R = tiny_llama, 3, 2
+    rng = np.random.default_rng(17)
+    prefixes = _random_prefixes(rng, 6, model.vocab_size)
+    logits, cache = model.prefill(prefixes)
+    results, requested = [], []
+    for pruner in (None, _StopEveryRollout()):
+        chooser = EpicChooser(alpha=alpha, horizon=k, rollouts=R, prune_slack=None, run_ahead=False)
+        chooser.pruner = pruner
+        rounds = []
+        propose = chooser._propose
+        chooser._propose = lambda states, first: _record(rounds, propose(states, first))
+        rows = [Row(0, i, p, sample_rng(41, 0, i)) for i, p in enumerate(prefixes)]
+        results.append(chooser.choose(model, rows, logits, logits.copy(), cache).tokens)
+        requested.append(rounds)
+    np.testing.assert_array_equal(results[0], results[1])
+    # the round after the all-stopped one asks each row for no more than its first block did
+    assert requested[1][1] <= requested[1][0] < model.vocab_size
+
+
+def _record(rounds, rnd):
+    if rnd is not None:
+        rounds.append(max(len(c) for _, c, _ in rnd.per_row))
+    return rnd
+
+
 def test_packing_budget_lets_one_wide_row_among_many_be_packed(tiny_llama):
     """Many batch rows, one of them with a wide tree: laying the trees out in the cache's own rows
     would run every row as wide as that one (padding whose activations cost more than copying

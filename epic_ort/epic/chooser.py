@@ -149,7 +149,10 @@ class EpicChooser:
             if first and st.given is not None:
                 cands = st.given.tokens
             else:
-                cands = st.search.next_block(st.first_block if first else 0)
+                # a row with no score yet (its candidates' rollouts all stopped) takes a block by
+                # bound again: "every candidate that can still win" would be its whole support
+                unscored = st.search.best_token < 0
+                cands = st.search.next_block(st.first_block if first or unscored else 0)
             if cands.size == 0:
                 continue
             slots = []

@@ -93,12 +93,18 @@ class RolloutPruner:
         """The rule for one row's candidates, given the sum `lower` of their first `terms` terms."""
         rest_max = (self.horizon - terms) * math.log(len(search.bound))
         upper = search.upper_bound(tokens, lower, lower + rest_max)
-        target = search.best_score
-        if expected:
-            rest = self.expected_rest(memory, lower, terms, rest_max)
-            reach = search.bound[tokens] - search.alpha * (lower + rest)  # the row's own alpha
-            target = max(target, float(reach.max()) - abs(search.alpha) * self.slack)
-        return upper > target
+        can_win = upper > search.best_score
+        if not expected:
+            return can_win
+        rest = self.expected_rest(memory, lower, terms, rest_max)
+        reach = search.bound[tokens] - search.alpha * (lower + rest)  # the row's own alpha
+        go = can_win & (upper > float(reach.max()) - abs(search.alpha) * self.slack)
+        # the candidate expected to be best always goes on while it can win: for a tiny alpha the
+        # slack vanishes in rounding, and a row whose every candidate stopped would have no score
+        # to bound the next round by
+        top = int(np.argmax(reach))
+        go[top] = can_win[top]
+        return go
 
     def expected_rest(self, memory: RowMemory, lower: np.ndarray, terms: int, rest_max: float) -> float:
         """The entropy a candidate may still add after `terms` terms: this sample's recent winners'
