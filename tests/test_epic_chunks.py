@@ -7,7 +7,7 @@ import numpy as np
 
 import epic_ort
 from epic_ort.decoding import generate
-from epic_ort.epic import tree
+from epic_ort.epic import calls as lookahead_calls
 from epic_ort.epic.chooser import EpicChooser
 from epic_helpers import step_agreement
 
@@ -68,10 +68,10 @@ def test_trees_in_the_cache_room_spread_wide_rows_over_calls(tiny_llama, monkeyp
     outgrow the room kept after its cache spreads its candidates over calls: the same choices, more
     calls, and no row ever gets more candidates in one call than the room holds."""
     assert tiny_llama.kv_in_place
-    monkeypatch.setattr(tree, "packing_budget", lambda model, parents: 0)  # as if the prefixes were long
-    monkeypatch.setattr(tree, "MIN_TREE_CANDIDATES", 2)  # so that a few candidates per row already split
+    monkeypatch.setattr(lookahead_calls, "packing_budget", lambda model, parents: 0)  # as if the prefixes were long
+    monkeypatch.setattr(lookahead_calls, "MIN_TREE_CANDIDATES", 2)  # so that a few candidates per row already split
     chunks = []
-    real = tree.tree_calls
+    real = lookahead_calls.tree_calls
 
     def spy(model, cache, parents, tree_tokens, rollouts=2):
         calls = real(model, cache, parents, tree_tokens, rollouts)
@@ -97,16 +97,16 @@ def test_a_round_too_wide_for_the_logits_budget_is_cut_into_calls(tiny_llama, mo
     """A round whose lookahead logits would pass the budget runs as several calls, each within it,
     every row's best candidates first: the same choices, more calls."""
     cap_rows = 6
-    monkeypatch.setattr(tree, "LOGITS_BUDGET_BYTES", cap_rows * 4 * tiny_llama.vocab_size * CFG.rollouts)
-    assert tree.logits_cap(tiny_llama, CFG.rollouts) == max(tree.MIN_TREE_CANDIDATES, cap_rows)
+    monkeypatch.setattr(lookahead_calls, "LOGITS_BUDGET_BYTES", cap_rows * 4 * tiny_llama.vocab_size * CFG.rollouts)
+    assert lookahead_calls.logits_cap(tiny_llama, CFG.rollouts) == max(lookahead_calls.MIN_TREE_CANDIDATES, cap_rows)
     sizes = []
-    real = tree.tree_calls
+    real = lookahead_calls.tree_calls
 
     def spy(model, cache, parents, tree_tokens, rollouts=2):
         calls = real(model, cache, parents, tree_tokens, rollouts)
         assert sorted(np.concatenate(calls).tolist()) == list(range(len(parents)))
         sizes.extend(idx.size for idx in calls)
-        assert len(calls) == -(-len(parents) // tree.logits_cap(model, rollouts))  # as few as the budget allows
+        assert len(calls) == -(-len(parents) // lookahead_calls.logits_cap(model, rollouts))  # as few as the budget allows
         return calls
 
     monkeypatch.setattr("epic_ort.epic.chooser.tree_calls", spy)
@@ -114,5 +114,5 @@ def test_a_round_too_wide_for_the_logits_budget_is_cut_into_calls(tiny_llama, mo
     unlimited._calls = lambda model, cache, parents: [np.arange(len(parents))]  # one call a round, however wide
     report = step_agreement(tiny_llama, unlimited, _chooser(run_ahead=False), PROMPTS, CFG, num_samples=2)
     assert report.agreement >= 0.95, report
-    assert max(sizes) <= tree.logits_cap(tiny_llama, CFG.rollouts) and len(sizes) > report.steps
+    assert max(sizes) <= lookahead_calls.logits_cap(tiny_llama, CFG.rollouts) and len(sizes) > report.steps
     assert report.calls_b > report.calls_a

@@ -35,7 +35,8 @@ from .forked import forked_calls
 from .lazy import LazySearch
 from .policies import FirstBlockPolicy, RolloutPruner, RowMemory
 from .run_ahead import Continuation, RunAheadPolicy
-from .tree import Branch, branch, merge_branches, tree_calls
+from .calls import tree_calls
+from .tree import Branch, branch, merge_branches
 
 TREE_ROOM_CANDIDATES = 32  # the decoding cache keeps room for this many candidates' trees
 RowParams = Callable[[Row], tuple[float, ProcessorList]]  # a row's own (alpha, processors)

@@ -12,7 +12,7 @@ import numpy as np
 from ..runtime.cache import KVCache
 from ..runtime.model import CausalLM
 from .run_ahead import Given
-from .tree import logits_cap
+from .calls import logits_cap
 
 
 class ForkedRows:
