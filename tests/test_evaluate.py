@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -292,6 +293,32 @@ def test_judge_scores_every_row(tiny_llama, tiny_exports, tmp_path):
     assert report["human"]["judge_perplexity"] == pytest.approx(float(np.exp(nll.mean())), rel=1e-6)
     for m in report["methods"]:
         assert m["judge_perplexity"] > 1
+    by_name = {m["name"]: m for m in report["methods"]}
+    ratio = by_name["top-k=3"]["judge_vs_ancestral"]
+    assert ratio["ratio"] == pytest.approx(by_name["top-k=3"]["judge_perplexity"] / by_name["ancestral"]["judge_perplexity"],
+                                           rel=1e-9)
+    assert ratio["lo"] <= ratio["ratio"] <= ratio["hi"]
+    assert "judge_vs_ancestral" not in by_name["ancestral"]
+    assert "judge ppl ÷ ancestral" in (tmp_path / "j" / "report.md").read_text()
+
+
+def test_judge_ratio_is_paired_by_passage():
+    """A method whose judge log loss is the anchor's plus 0.1 nats on every token of every passage is
+    exp(0.1) times as perplexing, with no doubt at all once passages are paired, however much the
+    passages differ from each other; unpaired, the passages' spread would widen the interval."""
+    from epic_ort.evaluation.summary import judge_ratio
+
+    rng = np.random.default_rng(4)
+    anchor = [rng.uniform(1, 6) + rng.normal(0, 0.3, size=int(rng.integers(5, 40))) for _ in range(30)]
+    shifted = [a + 0.1 for a in anchor]
+    r = judge_ratio(shifted, anchor, n_boot=500, seed=0)
+    assert r["ratio"] == pytest.approx(math.exp(0.1), rel=1e-12)
+    assert r["lo"] == pytest.approx(math.exp(0.1), rel=1e-9) and r["hi"] == pytest.approx(math.exp(0.1), rel=1e-9)
+    noisy = [a + rng.normal(0.1, 0.5, size=a.size) for a in anchor]
+    r = judge_ratio(noisy, anchor, n_boot=500, seed=0)
+    assert r["lo"] < r["ratio"] < r["hi"] and r["hi"] / r["lo"] > 1.01
+    pooled = np.concatenate(noisy).mean() - np.concatenate(anchor).mean()
+    assert r["ratio"] == pytest.approx(math.exp(pooled), rel=1e-9)
 
 
 def test_judge_methods_limit_what_the_judge_scores(tiny_llama, tiny_exports, tmp_path):

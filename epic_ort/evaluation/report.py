@@ -50,7 +50,15 @@ def _gap(g: dict[str, Any]) -> str:
 
 
 TABLE_HEAD = ["method", "EntCE [95% CI]", "|EntCE|", "surprisal rate", "entropy gap [95% CI]", "distinct-2",
-              "distinct-3", "self-BLEU", "rep-4", "mean tokens", "judge ppl"]
+              "distinct-3", "self-BLEU", "rep-4", "mean tokens", "judge ppl", "judge ppl ÷ ancestral [95% CI]"]
+
+
+def _judge_ratio(row: dict[str, Any]) -> str:
+    r = row.get("judge_vs_ancestral")
+    if not r:
+        return "–"
+    ci = f" [{_fmt(r['lo'])}, {_fmt(r['hi'])}]" if r.get("lo") is not None else ""
+    return _fmt(r["ratio"]) + ci
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -59,11 +67,12 @@ def format_table(report: dict[str, Any]) -> str:
     for row in sorted(report["methods"], key=lambda r: r.get("entce_rank", 0)):
         cells = [_label(row), _gap(row["entce"]), _fmt(row["entce"]["value"]), _fmt(row["surprisal_rate"]),
                  _gap(row["entropy_gap"]), _fmt(row["distinct_2"]), _fmt(row["distinct_3"]), _fmt(row["self_bleu"]),
-                 _fmt(row["rep_4"]), _fmt(row["mean_tokens"], 1), _fmt(row.get("judge_perplexity"), 2)]
+                 _fmt(row["rep_4"]), _fmt(row["mean_tokens"], 1), _fmt(row.get("judge_perplexity"), 2),
+                 _judge_ratio(row)]
         lines.append("| " + " | ".join(cells) + " |")
     h = report["human"]
     cells = ["**human**", "0", "–", _fmt(h["log_loss"]), "0", _fmt(h["distinct_2"]), _fmt(h["distinct_3"]),
-             _fmt(h["self_bleu"]), _fmt(h["rep_4"]), _fmt(h["mean_tokens"], 1), _fmt(h.get("judge_perplexity"), 2)]
+             _fmt(h["self_bleu"]), _fmt(h["rep_4"]), _fmt(h["mean_tokens"], 1), _fmt(h.get("judge_perplexity"), 2), "–"]
     lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"Base model on the human continuations: log loss {_fmt(h['log_loss'])} nats/token (perplexity "
@@ -86,7 +95,9 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"passages ({s['n_boot']} resamples). distinct-n: unique / total n-grams over all samples. self-BLEU: "
         "BLEU-4 of each sample against the others (lower: more varied across samples). rep-4: share of 4-grams "
         "already seen earlier in the same sample. Judge ppl: perplexity of the continuation text under the judge "
-        "model" + (f" ({judge['dir']})" if judge else " (none given: --judge MODEL_DIR)") + ".",
+        "model" + (f" ({judge['dir']})" if judge else " (none given: --judge MODEL_DIR)") + "; ÷ ancestral: "
+        "its ratio to plain sampling's judge perplexity on the same passages, with a paired bootstrap interval "
+        "(below 1: the judge finds the text more predictable than plain sampling's).",
         "", "## Settings", "",
         f"- model: {report['model']['dir']} (sha256 {str(report['model']['sha256'])[:12]})",
         f"- corpus: {corpus}; {report['corpus']['tokens']} tokens",

@@ -63,6 +63,29 @@ def method_row(name: str, spec: dict[str, Any], config: GenerationConfig, scored
     return row
 
 
+ANCHOR = "ancestral"  # judge perplexities are compared with plain sampling's, paired by passage
+
+
+def judge_ratio(method_nll: Sequence[np.ndarray], anchor_nll: Sequence[np.ndarray], n_boot: int, seed: int
+                ) -> dict[str, Any]:
+    """judge ppl(method) / judge ppl(anchor) with a paired bootstrap interval: the exp of the gap in
+    the judge's pooled log loss. Judge perplexities of two methods differ by less than passages do,
+    so a bare "95.1 vs 97.3" says nothing without it."""
+    gap = metrics.rate_gap(method_nll, anchor_nll, n_boot=n_boot, seed=seed)
+    exp = lambda x: math.exp(x) if x is not None else None  # noqa: E731
+    return {"ratio": exp(gap["diff"]), "lo": exp(gap["diff_lo"]), "hi": exp(gap["diff_hi"])}
+
+
+def _judge_against(rows: list[dict[str, Any]], results: dict[str, Scored], anchor: str, s: Any) -> None:
+    base = results.get(anchor)
+    if base is None or not base.judge_nll:
+        return
+    for row in rows:
+        mine = results[row["name"]].judge_nll
+        if mine and row["name"] != anchor:
+            row[f"judge_vs_{anchor}"] = judge_ratio(mine, base.judge_nll, s.n_boot, s.seed)
+
+
 def build_report(model: CausalLM, corpus: Any, positions: np.ndarray, parsed: list[Method],
                  resolved: dict[str, GenerationConfig], results: dict[str, Scored], human: Scored, s: Any,
                  judge: dict[str, str] | None) -> dict[str, Any]:
@@ -72,6 +95,7 @@ def build_report(model: CausalLM, corpus: Any, positions: np.ndarray, parsed: li
     human_row["log_loss"] = human_row["surprisal_rate"]
     human_row["perplexity"] = math.exp(human_row["log_loss"])
     rows = [method_row(name, spec, resolved[name], results[name], human, eos, s) for name, spec in parsed]
+    _judge_against(rows, results, ANCHOR, s)
     order = sorted(range(len(rows)), key=lambda i: rows[i]["entce"]["value"])
     for rank, i in enumerate(order, start=1):
         rows[i]["entce_rank"] = rank
