@@ -131,6 +131,29 @@ def test_rate_gap_bootstrap():
         metrics.rate_gap(method[:3], human, n_boot=10)
 
 
+def test_abs_gap_difference_is_paired_and_hand_computed():
+    """Shifting every token of every passage by a constant shifts each pooled rate by it: a = human + 0.3,
+    b = human − 0.1 is 0.3 − 0.1 = 0.2 farther from calibrated, with no doubt when paired, however much
+    the passages differ."""
+    rng = np.random.default_rng(8)
+    human = [rng.uniform(2, 5) + rng.normal(0, 0.5, size=int(rng.integers(4, 30))) for _ in range(40)]
+    d = metrics.abs_gap_difference([h + 0.3 for h in human], [h - 0.1 for h in human], human, n_boot=300, seed=0)
+    assert d["diff"] == pytest.approx(0.2, abs=1e-12)
+    assert d["lo"] == pytest.approx(0.2, abs=1e-9) and d["hi"] == pytest.approx(0.2, abs=1e-9)
+    same = metrics.abs_gap_difference(human, human, human, n_boot=100, seed=0)
+    assert same["diff"] == 0.0 and same["lo"] == 0.0 and same["hi"] == 0.0
+
+    def noisy(shift, n):
+        return [h + rng.normal(shift, 0.8, size=h.size) for h in human[:n]]
+
+    clear = metrics.abs_gap_difference(noisy(0.5, 40), noisy(0.0, 40), human, n_boot=2000, seed=1)
+    assert 0 < clear["lo"] <= clear["diff"] <= clear["hi"]  # 0.5 vs 0: told apart
+    close = metrics.abs_gap_difference(noisy(0.02, 6), noisy(0.0, 6), human[:6], n_boot=2000, seed=1)
+    assert close["lo"] < 0 < close["hi"]  # 0.02 vs 0 on 6 passages: not told apart
+    with pytest.raises(ValueError):
+        metrics.abs_gap_difference(human[:3], human, human)
+
+
 @pytest.mark.parametrize(
     "spec, name, kwargs",
     [
@@ -232,6 +255,14 @@ def test_evaluate_end_to_end(tiny_llama, tmp_path):
         assert 0 < m["mean_tokens"] <= 16
         assert 0 <= m["distinct_2"] <= 1 and 0 <= m["self_bleu"] <= 1
     assert sorted(m["entce_rank"] for m in report["methods"]) == [1, 2, 3]
+    best = min(report["methods"], key=lambda m: m["entce"]["value"])
+    assert "entce_vs_best" not in best
+    for m in report["methods"]:
+        if m is not best:
+            vs = m["entce_vs_best"]
+            assert vs["best"] == best["name"]
+            assert vs["diff"] == pytest.approx(m["entce"]["value"] - best["entce"]["value"], abs=1e-9)
+            assert vs["lo"] <= vs["diff"] <= vs["hi"]
 
 
 def test_surprisal_rate_is_the_mean_surprisal_of_the_generated_tokens(tiny_llama, tmp_path):

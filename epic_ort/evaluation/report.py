@@ -49,8 +49,16 @@ def _gap(g: dict[str, Any]) -> str:
     return _fmt(g["diff"], signed=True) + ci
 
 
-TABLE_HEAD = ["method", "EntCE [95% CI]", "|EntCE|", "surprisal rate", "entropy gap [95% CI]", "distinct-2",
+TABLE_HEAD = ["method", "EntCE [95% CI]", "|EntCE|", "|EntCE| − best's [95% CI]", "surprisal rate", "entropy gap [95% CI]", "distinct-2",
               "distinct-3", "self-BLEU", "rep-4", "mean tokens", "judge ppl", "judge ppl ÷ ancestral [95% CI]"]
+
+
+def _vs_best(row: dict[str, Any]) -> str:
+    r = row.get("entce_vs_best")
+    if not r:
+        return "best"
+    ci = f" [{_fmt(r['lo'], signed=True)}, {_fmt(r['hi'], signed=True)}]" if r.get("lo") is not None else ""
+    return _fmt(r["diff"], signed=True) + ci
 
 
 def _judge_ratio(row: dict[str, Any]) -> str:
@@ -65,13 +73,13 @@ def format_table(report: dict[str, Any]) -> str:
     """One row per method (best |EntCE| first), then the human text, then what the rates are against."""
     lines = ["| " + " | ".join(TABLE_HEAD) + " |", "|" + "|".join(["---"] + ["---:"] * (len(TABLE_HEAD) - 1)) + "|"]
     for row in sorted(report["methods"], key=lambda r: r.get("entce_rank", 0)):
-        cells = [_label(row), _gap(row["entce"]), _fmt(row["entce"]["value"]), _fmt(row["surprisal_rate"]),
+        cells = [_label(row), _gap(row["entce"]), _fmt(row["entce"]["value"]), _vs_best(row), _fmt(row["surprisal_rate"]),
                  _gap(row["entropy_gap"]), _fmt(row["distinct_2"]), _fmt(row["distinct_3"]), _fmt(row["self_bleu"]),
                  _fmt(row["rep_4"]), _fmt(row["mean_tokens"], 1), _fmt(row.get("judge_perplexity"), 2),
                  _judge_ratio(row)]
         lines.append("| " + " | ".join(cells) + " |")
     h = report["human"]
-    cells = ["**human**", "0", "–", _fmt(h["log_loss"]), "0", _fmt(h["distinct_2"]), _fmt(h["distinct_3"]),
+    cells = ["**human**", "0", "–", "–", _fmt(h["log_loss"]), "0", _fmt(h["distinct_2"]), _fmt(h["distinct_3"]),
              _fmt(h["self_bleu"]), _fmt(h["rep_4"]), _fmt(h["mean_tokens"], 1), _fmt(h.get("judge_perplexity"), 2), "–"]
     lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
@@ -92,7 +100,9 @@ def format_markdown(report: dict[str, Any]) -> str:
         "continuations of the same passages (nats/token; 0 is calibrated, > 0 the generations surprise the model "
         "more than human text does). Entropy gap: mean entropy of q along the generation minus along the human "
         f"text. Both with {_level(report)}% paired bootstrap intervals over "
-        f"passages ({s['n_boot']} resamples). distinct-n: unique / total n-grams over all samples. self-BLEU: "
+        "passages. |EntCE| − best's: how much farther from calibrated than the first row, the passages resampled "
+        "together for both methods (an interval holding 0: the two cannot be told apart). Every interval: "
+        f"{s['n_boot']} resamples of the passages. distinct-n: unique / total n-grams over all samples. self-BLEU: "
         "BLEU-4 of each sample against the others (lower: more varied across samples). rep-4: share of 4-grams "
         "already seen earlier in the same sample. Judge ppl: perplexity of the continuation text under the judge "
         "model" + (f" ({judge['dir']})" if judge else " (none given: --judge MODEL_DIR)") + "; ÷ ancestral: "

@@ -86,6 +86,18 @@ def _judge_against(rows: list[dict[str, Any]], results: dict[str, Scored], ancho
             row[f"judge_vs_{anchor}"] = judge_ratio(mine, base.judge_nll, s.n_boot, s.seed)
 
 
+def _against_best(rows: list[dict[str, Any]], order: list[int], results: dict[str, Scored], human: Scored,
+                  s: Any) -> None:
+    """Each method's |EntCE| minus the best method's, paired by passage."""
+    if not order:
+        return
+    best = rows[order[0]]["name"]
+    for i in order[1:]:
+        row = rows[i]
+        row["entce_vs_best"] = {"best": best, **metrics.abs_gap_difference(
+            results[row["name"]].surprisals, results[best].surprisals, human.surprisals, n_boot=s.n_boot, seed=s.seed)}
+
+
 def build_report(model: CausalLM, corpus: Any, positions: np.ndarray, parsed: list[Method],
                  resolved: dict[str, GenerationConfig], results: dict[str, Scored], human: Scored, s: Any,
                  judge: dict[str, str] | None) -> dict[str, Any]:
@@ -99,6 +111,7 @@ def build_report(model: CausalLM, corpus: Any, positions: np.ndarray, parsed: li
     order = sorted(range(len(rows)), key=lambda i: rows[i]["entce"]["value"])
     for rank, i in enumerate(order, start=1):
         rows[i]["entce_rank"] = rank
+    _against_best(rows, order, results, human, s)
     report = {
         "format": REPORT_FORMAT,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
