@@ -15,6 +15,7 @@ import pytest
 import epic_ort
 from epic_ort.chooser import PlainChooser, Row
 from epic_ort.epic import segments, tree
+from epic_ort.runtime import cache as kv_cache
 from epic_ort.epic.chooser import EpicChooser
 from epic_ort.epic.estimator import lookahead_entropy
 from epic_ort.epic.lazy import LazySearch, eager_gumbel_max, lazy_gumbel_max
@@ -246,7 +247,12 @@ def test_token_tree_equals_forked_rows(tiny_llama, monkeypatch, pruned, layout):
     blocks = {}
     real_pack = tree.pack_units
     monkeypatch.setattr(tree, "pack_units", lambda *a: blocks.setdefault("units", real_pack(*a)))
+    moves = []  # a cache moved to bigger buffers (reserve): a packed copy must hold its whole tree at once
+    real_gather = kv_cache._gather_slots
+    monkeypatch.setattr(kv_cache, "_gather_slots", lambda *a: moves.append(a[0][0].shape) or real_gather(*a))
     trees = lookahead_entropy(model, cache, parents, tokens, u, 4, keep=keep)
+    if layout in ("packed", "split"):  # copies of the prefixes (the others run in the decoding cache's room)
+        assert moves == []
     unit_parents = blocks["units"][2]
     expected_shape = {"packed": (1, 4), "row-per-unit": (4, 1), "in-place": (4, 1), "in-place-runs": (4, 1)}.get(layout)
     if expected_shape:

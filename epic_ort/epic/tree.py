@@ -45,7 +45,8 @@ class TreeRows:
         self.blocks = self.unit_parents.shape[1]
         self.prefix = cache
         widest = int(np.bincount(self.cand_unit).max())  # depth 0's width; later depths make room as they go
-        self.cache, self.in_prefix = unit_cache(cache, self.unit_parents, widest if model.kv_in_place else 0)
+        room = widest if model.kv_in_place else 0
+        self.cache, self.in_prefix = unit_cache(cache, self.unit_parents, room, room * (1 + rollouts * (horizon - 1)))
         self.cand_key: np.ndarray | None = None  # each candidate's key column in its unit (after depth 0)
         self.row_cand: np.ndarray | None = None  # rollout rows: their candidate, and the key columns
         self.row_path: np.ndarray | None = None  # of their tree ancestors
@@ -290,11 +291,14 @@ def slot_in_unit(unit: np.ndarray, units: int) -> np.ndarray:
     return slot
 
 
-def unit_cache(cache: KVCache, unit_parents: np.ndarray, room: int) -> tuple[KVCache, bool]:
+def unit_cache(cache: KVCache, unit_parents: np.ndarray, room: int, tree_room: int | None = None
+               ) -> tuple[KVCache, bool]:
     """The units' prefix cache, with room for `room` tree tokens (graphs that write in place):
     each unit's blocks are its batch rows' caches side by side (empty blocks masked). When each
     unit is one batch row in order, the cache's own rows, uncopied; on graphs that write in
-    place the tree then runs in the room after them (the bool says so)."""
+    place the tree then runs in the room after them (the bool says so). A packed copy gets
+    `tree_room` (the whole tree's most tokens) instead: room that a later depth lacked would
+    copy the packed prefixes a second time."""
     units, blocks = unit_parents.shape
     lo = int(unit_parents[0, 0])
     in_order = blocks == 1 and np.array_equal(unit_parents[:, 0], np.arange(lo, lo + units))
@@ -303,7 +307,7 @@ def unit_cache(cache: KVCache, unit_parents: np.ndarray, room: int) -> tuple[KVC
         return cache.row_span(lo, units, cache.attention_mask[lo:lo + units], cache.next_position[lo:lo + units]), True
     if in_order and units == cache.rows:
         return cache, False
-    return cache.gather_blocks(unit_parents, room), False
+    return cache.gather_blocks(unit_parents, room if tree_room is None else tree_room), False
 
 
 class TreeBranches:
