@@ -322,7 +322,10 @@ def test_interrupted_export_leaves_nothing(tiny_exports, tmp_path, sig):
         _assert_complete_export(out)
         pytest.skip("the export completed before the signal arrived")
     if sig == signal.SIGINT:
-        assert rc == 130, err.read_text()
+        # 130 from the CLI's handler; or, with the same handler having run (its message is there), death by
+        # SIGINT: CPython exits that way when a KeyboardInterrupt once escaped code an extension ran through
+        # PyRun_* (a flag that stays set although the CLI caught the interrupt), as seen once in CI
+        assert rc == 130 or (rc == -signal.SIGINT and "epic-ort: interrupted" in err.read_text()), err.read_text()
         assert "Traceback" not in err.read_text()
         assert _partials(out) == []
     else:
