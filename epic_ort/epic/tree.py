@@ -291,8 +291,7 @@ def slot_in_unit(unit: np.ndarray, units: int) -> np.ndarray:
     return slot
 
 
-def unit_cache(cache: KVCache, unit_parents: np.ndarray, room: int, tree_room: int | None = None
-               ) -> tuple[KVCache, bool]:
+def unit_cache(cache: KVCache, unit_parents: np.ndarray, room: int, tree_room: int) -> tuple[KVCache, bool]:
     """The units' prefix cache, with room for `room` tree tokens (graphs that write in place):
     each unit's blocks are its batch rows' caches side by side (empty blocks masked). When each
     unit is one batch row in order, the cache's own rows, uncopied; on graphs that write in
@@ -307,7 +306,7 @@ def unit_cache(cache: KVCache, unit_parents: np.ndarray, room: int, tree_room: i
         return cache.row_span(lo, units, cache.attention_mask[lo:lo + units], cache.next_position[lo:lo + units]), True
     if in_order and units == cache.rows:
         return cache, False
-    return cache.gather_blocks(unit_parents, room if tree_room is None else tree_room), False
+    return cache.gather_blocks(unit_parents, tree_room), False
 
 
 class TreeBranches:

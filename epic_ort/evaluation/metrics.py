@@ -85,15 +85,11 @@ def rate_gap(
     n = len(method)
     if n_boot <= 0 or n < 2 or not np.isfinite(diff):
         return result
-    rng = np.random.default_rng([int(seed), 104729])
-    idx = rng.integers(0, n, size=(int(n_boot), n))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        d = ms[idx].sum(axis=1) / mc[idx].sum(axis=1) - hs[idx].sum(axis=1) / hc[idx].sum(axis=1)
-    d = d[np.isfinite(d)]
-    if d.size == 0:
+    idx = _resample(n, n_boot, seed, 104729)
+    bounds = _percentiles(_resampled_rate(ms, mc, idx) - _resampled_rate(hs, hc, idx), level)
+    if bounds is None:
         return result
-    tail = (1 - level) / 2
-    d_lo, d_hi = (float(x) for x in np.quantile(d, [tail, 1 - tail]))
+    d_lo, d_hi = bounds
     if d_lo <= 0 <= d_hi:
         lo, hi = 0.0, max(-d_lo, d_hi)
     else:
@@ -124,19 +120,37 @@ def abs_gap_difference(
     n = len(a)
     if n_boot <= 0 or n < 2 or not np.isfinite(diff):
         return result
-    idx = np.random.default_rng([int(seed), 7919]).integers(0, n, size=(int(n_boot), n))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        hr = hs[idx].sum(axis=1) / hc[idx].sum(axis=1)
-        d = np.abs(as_[idx].sum(axis=1) / ac[idx].sum(axis=1) - hr) - np.abs(bs[idx].sum(axis=1) / bc[idx].sum(axis=1) - hr)
-    d = d[np.isfinite(d)]
-    if d.size:
-        tail = (1 - level) / 2
-        result["lo"], result["hi"] = (float(x) for x in np.quantile(d, [tail, 1 - tail]))
+    idx = _resample(n, n_boot, seed, 7919)
+    hr = _resampled_rate(hs, hc, idx)
+    bounds = _percentiles(np.abs(_resampled_rate(as_, ac, idx) - hr) - np.abs(_resampled_rate(bs, bc, idx) - hr), level)
+    if bounds is not None:
+        result["lo"], result["hi"] = bounds
     return result
 
 
 def _ratio(a: float, b: float) -> float:
     return float(a / b) if b > 0 else float("nan")
+
+
+def _resample(n: int, n_boot: int, seed: int, salt: int) -> np.ndarray:
+    """[n_boot, n] passage indices drawn with replacement: one resampling for every rate compared."""
+    return np.random.default_rng([int(seed), salt]).integers(0, n, size=(int(n_boot), n))
+
+
+def _resampled_rate(sums: np.ndarray, counts: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """The pooled rate of each resampling (NaN where it drew no tokens)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums[idx].sum(axis=1) / counts[idx].sum(axis=1)
+
+
+def _percentiles(d: np.ndarray, level: float) -> tuple[float, float] | None:
+    """The central `level` interval of the finite resampled values; None when there are none."""
+    d = d[np.isfinite(d)]
+    if d.size == 0:
+        return None
+    tail = (1 - level) / 2
+    lo, hi = np.quantile(d, [tail, 1 - tail])
+    return float(lo), float(hi)
 
 
 def position_curve(per_sample: Sequence[np.ndarray], length: int, buckets: int) -> dict[str, Any]:

@@ -49,8 +49,9 @@ def _gap(g: dict[str, Any]) -> str:
     return _fmt(g["diff"], signed=True) + ci
 
 
-TABLE_HEAD = ["method", "EntCE [95% CI]", "|EntCE|", "|EntCE| − best's [95% CI]", "surprisal rate", "entropy gap [95% CI]", "distinct-2",
-              "distinct-3", "self-BLEU", "rep-4", "mean tokens", "judge ppl", "judge ppl ÷ ancestral [95% CI]"]
+TABLE_HEAD = ["method", "EntCE [95% CI]", "|EntCE|", "|EntCE| − best's [95% CI]", "surprisal rate",
+              "entropy gap [95% CI]", "distinct-2", "distinct-3", "self-BLEU", "rep-4", "mean tokens", "judge ppl",
+              "judge ppl ÷ ancestral [95% CI]"]
 
 
 def _vs_best(row: dict[str, Any]) -> str:
@@ -73,8 +74,8 @@ def format_table(report: dict[str, Any]) -> str:
     """One row per method (best |EntCE| first), then the human text, then what the rates are against."""
     lines = ["| " + " | ".join(TABLE_HEAD) + " |", "|" + "|".join(["---"] + ["---:"] * (len(TABLE_HEAD) - 1)) + "|"]
     for row in sorted(report["methods"], key=lambda r: r.get("entce_rank", 0)):
-        cells = [_label(row), _gap(row["entce"]), _fmt(row["entce"]["value"]), _vs_best(row), _fmt(row["surprisal_rate"]),
-                 _gap(row["entropy_gap"]), _fmt(row["distinct_2"]), _fmt(row["distinct_3"]), _fmt(row["self_bleu"]),
+        cells = [_label(row), _gap(row["entce"]), _fmt(row["entce"]["value"]), _vs_best(row),
+                 _fmt(row["surprisal_rate"]), _gap(row["entropy_gap"]), _fmt(row["distinct_2"]), _fmt(row["distinct_3"]), _fmt(row["self_bleu"]),
                  _fmt(row["rep_4"]), _fmt(row["mean_tokens"], 1), _fmt(row.get("judge_perplexity"), 2),
                  _judge_ratio(row)]
         lines.append("| " + " | ".join(cells) + " |")
