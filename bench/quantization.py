@@ -1,9 +1,10 @@
 """Weight encodings and arithmetic (the default export's lossless 4-bit blocks, those blocks in int8
-arithmetic, weight-only int8, int8 dynamic) against float32 tensors: perplexity change on held-out
+arithmetic, int8 GEMM, weight-only int8, int8 dynamic) against float32 tensors: perplexity change on held-out
 text, greedy agreement, speed.
 
     python bench/quantization.py [--fp32 models/smollm2-135m-unpacked] [--packed models/smollm2-135m]
-        [--int8-compute models/smollm2-135m-int8-compute] [--int8 models/smollm2-135m-int8]
+        [--int8-compute models/smollm2-135m-int8-compute] [--int8-gemm models/smollm2-135m-int8gemm]
+        [--int8 models/smollm2-135m-int8]
         [--int8-dynamic models/smollm2-135m-int8-dynamic]
         [--corpus ../shared/data/austen/persuasion.txt] [--windows 16] [--tokens 256] [--greedy-prompts 20]
 
@@ -82,6 +83,7 @@ def main() -> int:
     ap.add_argument("--fp32", default="models/smollm2-135m-unpacked", help="float32 tensors (export --unpacked)")
     ap.add_argument("--packed", default="models/smollm2-135m", help="the default export (4-bit blocks where exact)")
     ap.add_argument("--int8-compute", default="models/smollm2-135m-int8-compute")
+    ap.add_argument("--int8-gemm", default="models/smollm2-135m-int8gemm")
     ap.add_argument("--int8", default="models/smollm2-135m-int8")
     ap.add_argument("--int8-dynamic", default="models/smollm2-135m-int8-dynamic")
     ap.add_argument("--corpus", default=str(Path(__file__).resolve().parents[2] / "shared/data/austen/persuasion.txt"))
@@ -93,9 +95,9 @@ def main() -> int:
                          "[default: all, against fp32]")
     args = ap.parse_args()
     folders = {"fp32": args.fp32, "fp32 4-bit blocks": args.packed, "int8 compute": args.int8_compute,
-               "int8": args.int8, "int8-dynamic": args.int8_dynamic}
+               "int8 GEMM": args.int8_gemm, "int8": args.int8, "int8-dynamic": args.int8_dynamic}
     flags = {"fp32": ["--unpacked"], "fp32 4-bit blocks": [], "int8 compute": ["--compute", "int8"],
-             "int8": ["--quantize", "int8"], "int8-dynamic": ["--quantize", "int8-dynamic"]}
+             "int8 GEMM": ["--compute", "int8-gemm"], "int8": ["--quantize", "int8"], "int8-dynamic": ["--quantize", "int8-dynamic"]}
     if args.variants:
         chosen = [v.strip() for v in args.variants.split(",")]
         unknown = [v for v in chosen if v not in folders]

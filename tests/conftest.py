@@ -37,7 +37,7 @@ def tiny_exports(tmp_path_factory) -> dict[str, dict[str, Path]]:
 @pytest.fixture(scope="session")
 def gguf_like_exports(tmp_path_factory) -> dict[str, Path]:
     """A tiny Llama with SmolLM2's GGUF encodings (Q4_1 Linears, a tied Q8_0 embedding), exported twice:
-    {'hf': folder, 'fp32': the default export, 'int8': `--compute int8`}."""
+    {'hf': folder, 'fp32': the default export, 'int8': `--compute int8`, 'int8-gemm': `--compute int8-gemm`}."""
     pytest.importorskip("optimum.exporters.onnx")
     from epic_ort.export import export
     from tiny_models import build_gguf_like_llama
@@ -45,7 +45,7 @@ def gguf_like_exports(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("gguf-like")
     build_gguf_like_llama(base / "hf")
     out = {"hf": base / "hf"}
-    for compute in ("fp32", "int8"):
+    for compute in ("fp32", "int8", "int8-gemm"):
         out[compute] = base / compute
         export(str(base / "hf"), out[compute], compute=compute, log=lambda m: None)
     return out

@@ -61,6 +61,33 @@ def test_logits_stay_close_to_float32(gguf_like_exports):
     assert float(np.abs(p - q).sum(axis=-1).max()) < 0.1  # total variation, per row
 
 
+def test_int8_gemm_runs_every_product_as_int8_gemm(gguf_like_exports):
+    graph = onnx.load(str(gguf_like_exports["int8-gemm"] / "model.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MatMulInteger") == 4 * 2 + 1  # qkv, o, gate|up, down per layer, and the lm_head
+    assert not {"MatMulNBits", "FusedMatMul", "MatMul"} & set(ops)
+    weights = {t.name: t for t in graph.initializer}
+    assert weights["lm_head/out0" if "lm_head/out0" in weights else next(n for n in weights if n.endswith(".int8"))].data_type \
+        == onnx.TensorProto.INT8
+    assert epic_ort.load(gguf_like_exports["int8-gemm"], provider="cpu").manifest.extra["compute"] == "int8-gemm"
+
+
+def test_int8_gemm_logits_stay_close_to_float32(gguf_like_exports):
+    """Weights per column and activations per token rounded to int8: on this tiny random model logits
+    move by 4-15% of their spread (two roundings, where --compute int8 has one), not by all of it
+    (a wrong scale axis or zero point would)."""
+    rng = np.random.default_rng(4)
+    vocab = epic_ort.load(gguf_like_exports["fp32"], provider="cpu").vocab_size
+    rows = [[1] + rng.integers(3, vocab, size=n).tolist() for n in (9, 4, 15, 7)]
+    extra = rng.integers(3, vocab, size=4)
+    ref, got = _logits(gguf_like_exports["fp32"], rows, extra), _logits(gguf_like_exports["int8-gemm"], rows, extra)
+    rel = np.sqrt(((got - ref) ** 2).mean(axis=-1)) / ref.std(axis=-1)
+    print("relative rms error per row:", rel)
+    assert float(rel.max()) < 0.25, rel
+    p, q = np.exp(log_softmax(ref)), np.exp(log_softmax(got))
+    assert float(np.abs(p - q).sum(axis=-1).max()) < 0.25
+
+
 def test_epic_is_exact_on_the_int8_model(gguf_like_exports):
     """Horizon 1: EPIC's samples follow q_a of the int8 model's own logits and entropies (chi-square),
     and not q."""

@@ -60,9 +60,11 @@ def main() -> None:
               help="Lean graph: store every weight as float32, even those that are exactly 4-bit blocks (a Q4_1 GGUF's), which "
                    "the lean graph otherwise keeps as 4-bit. Same numbers; 2.7x the file and more memory, slower at batch 1, "
                    "a little faster for batched EPIC.")
-@click.option("--compute", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+@click.option("--compute", type=click.Choice(["fp32", "int8", "int8-gemm"]), default="fp32", show_default=True,
               help="Lean graph: int8 multiplies the exact 4-bit blocks (and a Q8_0 lm_head as 8-bit blocks) with int8 dot "
-                   "products, activations quantized per block of 32: faster on the CPU, not bit-faithful to float32.")
+                   "products, activations quantized per block of 32: faster on the CPU, not bit-faithful to float32. "
+                   "int8-gemm runs every product as int8 GEMM (weights per column, activations per token): faster for "
+                   "EPIC's token trees, batches and prefill.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT_DIR if it exists.")
 def export(model: str, output_dir: Path, opset: int | None, dtype: str, quantize: str | None, graph: str,
            unpacked: bool, compute: str, force: bool) -> None:
@@ -75,7 +77,7 @@ def export(model: str, output_dir: Path, opset: int | None, dtype: str, quantize
         f"vocab {manifest.vocab_size}, "
         f"{manifest.dtype}{', ' + manifest.quantization if manifest.quantization else ''}"
         f"{_packed_note(manifest.extra.get('packed_products'))}"
-        f"{', int8 compute' if manifest.extra.get('compute') == 'int8' else ''})"
+        f"{', ' + manifest.extra['compute'] + ' compute' if manifest.extra.get('compute') else ''})"
     )
 
 

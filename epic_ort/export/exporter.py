@@ -30,7 +30,7 @@ INT8_BLOCK = 32  # weights per int8 scale: small blocks keep SmolLM2's perplexit
 DTYPES = ("fp32", "fp16")
 QUANTIZATIONS = (None, "int8", "int8-dynamic")
 GRAPHS = ("auto", "lean", "optimum")
-COMPUTES = ("fp32", "int8")
+COMPUTES = ("fp32", "int8", "int8-gemm")
 
 
 def _check_options(graph: str, dtype: str, quantize: str | None, compute: str, pack: bool) -> None:
@@ -93,10 +93,10 @@ def export(
             raise ExportError(f"cannot load {model!r}: {str(e).splitlines()[0]}{known}") from None
         hf_model.eval()
         graph = _choose_graph(graph, hf_model.config, opset, dtype)
-        if compute == "int8" and graph != "lean":
-            raise ExportError("--compute int8 needs the lean graph, which does not support this model")
-        opset, packed = _write_graph(hf_model, tmp, graph, opset, pack and not quantize, say,
-                                     int8_compute=compute == "int8", dtype=dtype)
+        if compute != "fp32" and graph != "lean":
+            raise ExportError(f"--compute {compute} needs the lean graph, which does not support this model")
+        opset, packed = _write_graph(hf_model, tmp, graph, opset, pack and not quantize, say, compute=compute,
+                                     dtype=dtype)
         tokenizer.save_pretrained(str(tmp))
         if not (tmp / "tokenizer.json").is_file():
             raise ExportError(f"{model!r} has no fast tokenizer (tokenizer.json); epic-ort's runtime needs one")
@@ -112,7 +112,7 @@ def export(
 
 
 def _write_graph(hf_model: Any, tmp: Path, graph: str, opset: int | None, pack: bool,
-                 say: Callable[[str], None], int8_compute: bool = False, dtype: str = "fp32"
+                 say: Callable[[str], None], compute: str = "fp32", dtype: str = "fp32"
                  ) -> tuple[int | None, int]:
     """model.onnx (and, for the lean graph, the config files Optimum would write) into `tmp`.
     Returns (the graph's opset, how many products stayed 4-bit)."""
@@ -122,13 +122,15 @@ def _write_graph(hf_model: Any, tmp: Path, graph: str, opset: int | None, pack: 
 
         say(f"[2/4] writing the lean {hf_model.config.model_type} graph (opset {OPSET}, {dtype})")
         try:
-            packed = build_lean_onnx(hf_model, tmp / "model.onnx", pack_weights=pack, int8_compute=int8_compute,
-                                     dtype=dtype)
+            packed = build_lean_onnx(hf_model, tmp / "model.onnx", pack_weights=pack and compute != "int8-gemm",
+                                     compute=compute, dtype=dtype)
         except NarrowingError as e:  # a weight that overflows fp16: one line, not a traceback
             raise ExportError(f"cannot write the lean graph: {e}") from None
         if packed:
             say(f"      {packed} weight products kept as their exact blocks (lossless)"
-                + (", computed with int8 dot products" if int8_compute else ""))
+                + (", computed with int8 dot products" if compute == "int8" else ""))
+        if compute == "int8-gemm":
+            say("      every product as int8 GEMM: int8 weights per output column, activations per token")
         hf_model.config.save_pretrained(str(tmp))
         hf_model.generation_config.save_pretrained(str(tmp))
         return OPSET, packed
@@ -159,10 +161,11 @@ def _check_compute(compute: str, dtype: str, quantize: str | None, graph: str, p
     if compute == "fp32":
         return
     clash = ("--dtype fp16" if dtype != "fp32" else f"--quantize {quantize}" if quantize else
-             "--graph optimum" if graph == "optimum" else "--unpacked" if not pack else None)
+             "--graph optimum" if graph == "optimum" else "--unpacked" if not pack and compute == "int8" else None)
     if clash:
-        raise ExportError(f"--compute int8 runs the lean graph's exact weight blocks in int8; it cannot be combined "
-                          f"with {clash}")
+        what = ("runs the lean graph's exact weight blocks in int8" if compute == "int8" else
+                "rounds the lean graph's float32 weights and activations to int8")
+        raise ExportError(f"--compute {compute} {what}; it cannot be combined with {clash}")
 
 
 def _choose_graph(graph: str, config: Any, opset: int | None, dtype: str = "fp32") -> str:

@@ -17,7 +17,7 @@ from ...runtime.graph import KV_CACHE_KEY, KV_CACHE_SHARED  # the runtime's meta
 
 
 def build_lean_onnx(hf_model: Any, path: Path, opset: int = OPSET, pack_weights: bool = True,
-                    int8_compute: bool = False, dtype: str = "fp32") -> int:
+                    compute: str = "fp32", dtype: str = "fp32") -> int:
     """Write `hf_model` (a transformers causal LM that `supports()` accepts, float32 or castable)
     as one lean ONNX graph at `path`, with the inputs/outputs of Optimum's
     text-generation-with-past export plus logits_index and tree_mask.
@@ -26,8 +26,8 @@ def build_lean_onnx(hf_model: Any, path: Path, opset: int = OPSET, pack_weights:
     protobuf's 2 GB limit. The graph is checked with onnx.checker before it is written.
 
     pack_weights: keep weights that are exactly 4-bit blocks as 4-bit (lossless, see packing.py).
-    int8_compute: multiply those (and exact Q8_0 weights, a tied lm_head included) with int8 dot
-    products (projection.py).
+    compute: "fp32"; "int8" multiplies those (and exact Q8_0 weights, a tied lm_head included) with
+    int8 dot products; "int8-gemm" runs every product as int8 GEMM (projection.py).
     dtype: "fp32", or "fp16" for GPUs: weights, activations and KV cache in float16, written as such
     (not converted afterwards), logits float32. Returns how many products were packed."""
     import onnx
@@ -41,7 +41,7 @@ def build_lean_onnx(hf_model: Any, path: Path, opset: int = OPSET, pack_weights:
                          f"this onnx {onnx.__version__} knows up to {onnx.defs.onnx_opset_version()}")
     if dtype not in FLOAT_TYPES:
         raise ValueError(f"dtype must be one of {tuple(FLOAT_TYPES)}")
-    if int8_compute and dtype != "fp32":
+    if compute != "fp32" and dtype != "fp32":
         raise ValueError("int8 compute quantizes float32 activations; it needs dtype fp32")
     path = Path(path)
     arch = architecture_of(config)
@@ -54,7 +54,7 @@ def build_lean_onnx(hf_model: Any, path: Path, opset: int = OPSET, pack_weights:
     b = Layers(g, w, arch, dims, qkv_bias=arch.qkv_bias(config), o_bias=arch.o_bias(config),
                activation=arch.activation(config),
                embedding_scale=arch.embedding_scale(config) if arch.embedding_scale else None,
-               project=Projector(g, w, pack_weights, int8_compute), attention_scale=arch.attention_scale(config),
+               project=Projector(g, w, pack_weights, compute), attention_scale=arch.attention_scale(config),
                windows=windows, attention_softcap=attention_cap, logit_softcap=logit_cap)
 
     local_base = arch.local_rope_base(config) if any(x is not None for x in windows) else None

@@ -191,7 +191,11 @@ def lm_head(b: Layers, normed: str, tied: bool) -> None:
     final = "logits" if g.float_elem == _FLOAT else "lm_head/logits"  # fp16 graphs: cast to float32 below
     out = "lm_head/uncapped" if b.logit_softcap else final
     eight = pack_eight_bit(b.w[names.embed]) if tied and b.project.int8_compute else None
-    if eight is not None:  # int8 compute: the embedding's own Q8_0 blocks, a quarter of the bytes
+    if b.project.int8_gemm:
+        head = b.w[names.embed] if tied else b.w[names.lm_head]
+        b.project.int8_product("lm_head", picked, names.embed if tied else names.lm_head, head, [LOGITS, d.vocab],
+                               output=out)
+    elif eight is not None:  # int8 compute: the embedding's own Q8_0 blocks, a quarter of the bytes
         b.project.eight_bit("lm_head", picked, names.embed, eight, [LOGITS, d.vocab], output=out)
     elif tied:
         g.op("FusedMatMul", "lm_head", [picked, names.embed], [[LOGITS, d.vocab]], outputs=[out],
