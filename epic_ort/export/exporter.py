@@ -122,8 +122,8 @@ def _write_graph(hf_model: Any, tmp: Path, graph: str, opset: int | None, pack: 
 
         say(f"[2/4] writing the lean {hf_model.config.model_type} graph (opset {OPSET}, {dtype})")
         try:
-            packed = build_lean_onnx(hf_model, tmp / "model.onnx", pack_weights=pack and compute != "int8-gemm",
-                                     compute=compute, dtype=dtype)
+            packed = build_lean_onnx(hf_model, tmp / "model.onnx", pack_weights=pack, compute=compute,
+                                     dtype=dtype)
         except NarrowingError as e:  # a weight that overflows fp16: one line, not a traceback
             raise ExportError(f"cannot write the lean graph: {e}") from None
         if packed:

@@ -6,15 +6,15 @@ becomes MatMulNBits plus the blocks' offsets (ReduceSum, a small MatMul, Add); p
 this is lossless. A bias is one Add after either.
 
 Arithmetic: float32 by default (accuracy_level 0: the model computes what transformers does, to
-float32 rounding). With compute "int8" (`int8_compute`) MatMulNBits quantizes each block of 32 activations to int8
-and multiplies with int8 dot products (accuracy_level 4: VNNI/AMX kernels in MLAS), and weights
+float32 rounding). With compute "int8" (`int8_compute`) MatMulNBits quantizes each block of 32
+activations to int8 and multiplies with int8 dot products (accuracy_level 4: VNNI/AMX kernels in MLAS), and weights
 that are exact Q8_0 blocks (the tied lm_head of a GGUF with a Q8_0 embedding) become 8-bit
 MatMulNBits too, at the cost of the activations' rounding. Whether that pays depends on the CPU's
 kernels and on the rows a call carries (one token a row when decoding, tens to hundreds in EPIC's
 trees): bench/int8_kernels.py measures it per machine.
 
-With compute "int8-gemm" (`int8_gemm`) every product, the lm_head included, is ONNX Runtime's int8 GEMM (MatMulInteger):
-weights rounded to int8 with one scale per output column, activations to uint8 with one scale per
+With compute "int8-gemm" (`int8_gemm`) every product, the lm_head included, is ONNX Runtime's int8
+GEMM (MatMulInteger): weights rounded to int8 with one scale per output column, activations to uint8 with one scale per
 row (token), at run time. MLAS's blocked GEMM kernels (VNNI, AMX tiles) make this several times
 faster than float32 at tens of rows or more, where MatMulNBits' int8 path, a dot product per block,
 gains little; it costs two roundings instead of none, so it is opt-in and its perplexity is measured.
