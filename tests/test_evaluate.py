@@ -307,6 +307,32 @@ def test_evaluate_resumes_and_reuses(tiny_llama, tmp_path, monkeypatch):
     assert other["methods"][0]["mean_tokens"] <= 12
 
 
+def _stored_tokens(out_dir):
+    return {f.name: {json.loads(line)["index"]: json.loads(line)["tokens"] for line in f.read_text().splitlines()[1:]}
+            for f in sorted((out_dir / "generations").glob("*.jsonl"))}
+
+
+def test_evaluate_grows_without_redoing_passages(tiny_llama, tmp_path):
+    """More --prompts keep every earlier passage at its index: the larger run generates only the new
+    ones and ends as a run of that size from scratch."""
+    corpus = _corpus(tmp_path)
+    methods = ["ancestral", "epic=0.5"]
+    fresh = evaluate(tiny_llama, [corpus], methods, out_dir=tmp_path / "fresh", **{**EVAL, "prompts": 6})
+    small = evaluate(tiny_llama, [corpus], methods, out_dir=tmp_path / "grown", **{**EVAL, "prompts": 3})
+    assert small["positions"] == fresh["positions"][:3]
+    before = tiny_llama.calls.calls
+    grown = evaluate(tiny_llama, [corpus], methods, out_dir=tmp_path / "grown", **{**EVAL, "prompts": 6})
+    grown_calls = tiny_llama.calls.calls - before
+    before = tiny_llama.calls.calls
+    evaluate(tiny_llama, [corpus], methods, out_dir=tmp_path / "again", **{**EVAL, "prompts": 6})
+    assert grown_calls < tiny_llama.calls.calls - before
+    assert grown["positions"] == fresh["positions"]
+    assert len(set(fresh["positions"])) == 6
+    assert _stored_tokens(tmp_path / "grown") == _stored_tokens(tmp_path / "fresh")
+    for a, b in zip(fresh["methods"], grown["methods"]):
+        assert a["surprisal_rate"] == pytest.approx(b["surprisal_rate"], abs=1e-6)
+
+
 def test_judge_scores_every_row(tiny_llama, tiny_exports, tmp_path):
     import epic_ort
     from epic_ort.evaluation.judge import Judge

@@ -62,5 +62,16 @@ def sample_positions(corpus: Corpus, n: int, context_tokens: int, after: int, se
     return np.sort(rng.choice(np.arange(lo, hi), size=n, replace=False))
 
 
+def nested_positions(corpus: Corpus, n: int, context_tokens: int, after: int, seed: int) -> np.ndarray:
+    """Like sample_positions, but the first n of one fixed random order of all positions, so that a
+    larger n keeps every earlier passage at its index: an evaluation grows without redoing work."""
+    lo, hi = context_tokens, len(corpus.tokens) - after
+    if hi - lo < n:
+        raise InvalidRequestError(
+            f"the corpus has {len(corpus.tokens)} tokens: too short for {n} contexts of {context_tokens}+{after} tokens"
+        )
+    return lo + np.random.default_rng(seed).permutation(hi - lo)[:n]
+
+
 def context_at(corpus: Corpus, position: int, context_tokens: int) -> list[int]:
     return corpus.bos + corpus.tokens[position - context_tokens : position].tolist()

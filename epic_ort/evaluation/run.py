@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..calibration.corpus import Corpus, context_at, load_corpus, sample_positions
+from ..calibration.corpus import Corpus, context_at, load_corpus, nested_positions
 from ..decoding import generate
 from ..errors import InvalidRequestError
 from ..progress import progress
@@ -79,8 +79,9 @@ def evaluate(model: CausalLM, corpus_paths: Sequence[str | os.PathLike] | None =
     passages = _passages(model, corpus_paths, s)
     resolved = _resolve_auto(model, parsed, s, show_progress)
     judge_ = Judge(judge, s.batch_size) if judge is not None else None
+    # passage i lies where the seed's fixed order puts it, whatever the count: more passages reuse these
     base_key = {"model": model.manifest.model_sha256, "corpus": [f["sha256"] for f in passages.corpus.describe()],
-                "positions": [int(p) for p in passages.positions], "prompt_tokens": s.prompt_tokens,
+                "passages": {"order": "permutation", "seed": s.seed}, "prompt_tokens": s.prompt_tokens,
                 "max_new_tokens": s.max_new_tokens}
     stores = {"human": MethodStore(out_dir, "human", base_key)}
     stores.update({name: MethodStore(out_dir, name, {**base_key, "config": asdict(resolved[name]), "seed": s.seed})
@@ -140,7 +141,7 @@ def _passages(model: CausalLM, corpus_paths: Sequence[str | os.PathLike] | None,
             f"{f' + {len(corpus.bos)} BOS' if corpus.bos else ''}) exceeds the model's context of "
             f"{model.max_positions}; lower --max-new-tokens or the prompt length"
         )
-    positions = sample_positions(corpus, s.prompts, s.prompt_tokens, s.max_new_tokens, s.seed)
+    positions = nested_positions(corpus, s.prompts, s.prompt_tokens, s.max_new_tokens, s.seed)
     prompts = [context_at(corpus, int(p), s.prompt_tokens) for p in positions]
     human = [corpus.tokens[int(p): int(p) + s.max_new_tokens].tolist() for p in positions]
     return _Passages(corpus, positions, prompts, human)

@@ -1,10 +1,10 @@
 """Each method's generations and scores, kept under `--out` as they finish, so a long evaluation can be
-interrupted and resumed, and a rerun with more methods (or a judge) reuses what is done.
+interrupted and resumed, and a rerun with more methods, more passages or a judge reuses what is done.
 
 One JSONL file a method (and one a method's judge scores): a header line with the key (everything the
-lines depend on: model, corpus, passages, the method's full settings; the judge), then one line a
-passage. The file's name carries a digest of the key, so other settings never read these lines; a
-line cut off by a kill is dropped on reading.
+lines depend on: model, corpus, the order passages are drawn in, the method's full settings; the
+judge), then one line a passage. The file's name carries a digest of the key, so other settings never
+read these lines; a line cut off by a kill is dropped on reading.
 """
 
 from __future__ import annotations
