@@ -53,11 +53,7 @@ def load_corpus(model: CausalLM, paths: Sequence[str | os.PathLike] | None = Non
 
 def sample_positions(corpus: Corpus, n: int, context_tokens: int, after: int, seed: int) -> np.ndarray:
     """n distinct random positions p with a full `context_tokens` prefix before p and `after` tokens from p."""
-    lo, hi = context_tokens, len(corpus.tokens) - after
-    if hi - lo < n:
-        raise InvalidRequestError(
-            f"the corpus has {len(corpus.tokens)} tokens: too short for {n} contexts of {context_tokens}+{after} tokens"
-        )
+    lo, hi = _position_range(corpus, n, context_tokens, after)
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(np.arange(lo, hi), size=n, replace=False))
 
@@ -65,12 +61,17 @@ def sample_positions(corpus: Corpus, n: int, context_tokens: int, after: int, se
 def nested_positions(corpus: Corpus, n: int, context_tokens: int, after: int, seed: int) -> np.ndarray:
     """Like sample_positions, but the first n of one fixed random order of all positions, so that a
     larger n keeps every earlier passage at its index: an evaluation grows without redoing work."""
+    lo, hi = _position_range(corpus, n, context_tokens, after)
+    return lo + np.random.default_rng(seed).permutation(hi - lo)[:n]
+
+
+def _position_range(corpus: Corpus, n: int, context_tokens: int, after: int) -> tuple[int, int]:
     lo, hi = context_tokens, len(corpus.tokens) - after
     if hi - lo < n:
         raise InvalidRequestError(
             f"the corpus has {len(corpus.tokens)} tokens: too short for {n} contexts of {context_tokens}+{after} tokens"
         )
-    return lo + np.random.default_rng(seed).permutation(hi - lo)[:n]
+    return lo, hi
 
 
 def context_at(corpus: Corpus, position: int, context_tokens: int) -> list[int]:
