@@ -64,8 +64,13 @@ def test_logits_stay_close_to_float32(gguf_like_exports):
 def test_int8_gemm_runs_every_product_as_int8_gemm(gguf_like_exports):
     graph = onnx.load(str(gguf_like_exports["int8-gemm"] / "model.onnx")).graph
     ops = [n.op_type for n in graph.node]
-    assert ops.count("MatMulInteger") == 4 * 2 + 1  # qkv, o, gate|up, down per layer, and the lm_head
-    assert not {"MatMulNBits", "FusedMatMul", "MatMul"} & set(ops)
+    assert ops.count("MatMulInteger") == 4 * 2  # qkv, o, gate|up, down per layer
+    assert {n.op_type for n in graph.node if n.name == "lm_head"} == {"FusedMatMul"}  # the head stays float32
+    assert not {"MatMulNBits", "MatMul"} & set(ops)
+    smooth = [n for n in graph.node if n.name.endswith("/smooth")]
+    assert len(smooth) == 4 * 2 and all(n.op_type == "Mul" for n in smooth)
+    factors = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer if t.name.endswith(".smoothing")}
+    assert len(factors) == 8 and all(np.all(f > 0) and np.ptp(f) > 0 for f in factors.values())
     levels = [t for t in graph.initializer if t.name.endswith(".int8")]
     assert levels and all(t.data_type == onnx.TensorProto.INT8 for t in levels)
     assert epic_ort.load(gguf_like_exports["int8-gemm"], provider="cpu").manifest.extra["compute"] == "int8-gemm"
@@ -85,6 +90,53 @@ def test_int8_gemm_logits_stay_close_to_float32(gguf_like_exports):
     assert float(rel.max()) < 0.25, rel
     p, q = np.exp(log_softmax(ref)), np.exp(log_softmax(got))
     assert float(np.abs(p - q).sum(axis=-1).max()) < 0.25
+
+
+def _plant_outlier_channels(folder, channels=(3, 17, 40), factor=40.0) -> None:
+    """Make a few hidden channels of every norm's output `factor` times larger and divide the
+    weights that read them by as much: the same function, but activations with outlier channels,
+    as trained LLMs have."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32)
+    idx = list(channels)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm, readers in ((layer.input_layernorm, ("q_proj", "k_proj", "v_proj")),
+                                  (layer.post_attention_layernorm, ("gate_proj", "up_proj"))):
+                norm.weight[idx] *= factor
+                for name in readers:
+                    proj = getattr(layer.self_attn if name.endswith(("q_proj", "k_proj", "v_proj")) else layer.mlp,
+                                   name)
+                    proj.weight[:, idx] /= factor
+    model.save_pretrained(str(folder))
+
+
+def test_int8_gemm_smoothing_absorbs_outlier_channels(tmp_path, monkeypatch):
+    """With outlier channels, one scale per token leaves the other channels a few levels: the
+    logits move by most of their spread. Smoothing by the peaks measured at export moves that range into
+    the weights and brings the error back to the order of a plain model's."""
+    from epic_ort.export import exporter
+    from tiny_models import build_gguf_like_llama
+
+    build_gguf_like_llama(tmp_path / "hf")
+    _plant_outlier_channels(tmp_path / "hf")
+    for name in ("fp32", "int8-gemm"):
+        export(str(tmp_path / "hf"), tmp_path / name, compute=name, log=lambda m: None)
+    monkeypatch.setattr(exporter, "_smoothing_peaks", lambda *args: None)
+    export(str(tmp_path / "hf"), tmp_path / "plain", compute="int8-gemm", log=lambda m: None)
+    rng = np.random.default_rng(5)
+    vocab = epic_ort.load(tmp_path / "fp32", provider="cpu").vocab_size
+    rows = [[1] + rng.integers(3, vocab, size=n).tolist() for n in (9, 4, 15, 7)]
+    extra = rng.integers(3, vocab, size=4)
+    ref = _logits(tmp_path / "fp32", rows, extra)
+    error = {}
+    for name in ("int8-gemm", "plain"):
+        got = _logits(tmp_path / name, rows, extra)
+        error[name] = float((np.sqrt(((got - ref) ** 2).mean(axis=-1)) / ref.std(axis=-1)).mean())
+    print("mean relative rms error:", error)
+    assert error["int8-gemm"] < 0.15 and error["plain"] > 3 * error["int8-gemm"], error
 
 
 def test_epic_is_exact_on_the_int8_model(gguf_like_exports):

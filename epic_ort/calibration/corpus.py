@@ -21,6 +21,18 @@ def default_corpus() -> list[Path]:
     return sorted(Path(str(p)) for p in folder.iterdir() if p.name.endswith(".txt"))
 
 
+def read_prose(path: Path) -> str:
+    """A text file as running prose: hard-wrapped lines inside a paragraph are joined, as a
+    model sees text (paragraphs stay separated by a blank line)."""
+    if not path.is_file():
+        raise InvalidRequestError(f"corpus file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequestError(f"corpus file {path} is not UTF-8 text") from None
+    return "\n\n".join(" ".join(par.split()) for par in text.split("\n\n") if par.strip())
+
+
 @dataclass
 class Corpus:
     paths: list[Path]
@@ -33,17 +45,7 @@ class Corpus:
 
 def load_corpus(model: CausalLM, paths: Sequence[str | os.PathLike] | None = None) -> Corpus:
     files = [Path(p) for p in paths] if paths else default_corpus()
-    chunks = []
-    for p in files:
-        if not p.is_file():
-            raise InvalidRequestError(f"corpus file {p} does not exist")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise InvalidRequestError(f"corpus file {p} is not UTF-8 text") from None
-        # normalise hard-wrapped lines inside paragraphs: models see running prose
-        paragraphs = [" ".join(par.split()) for par in text.split("\n\n") if par.strip()]
-        chunks.append(np.array(model.encode("\n\n".join(paragraphs), add_special_tokens=False), dtype=np.int64))
+    chunks = [np.array(model.encode(read_prose(p), add_special_tokens=False), dtype=np.int64) for p in files]
     tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
     with_special = model.encode("a")
     plain = model.encode("a", add_special_tokens=False)

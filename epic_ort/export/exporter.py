@@ -96,7 +96,7 @@ def export(
         if compute != "fp32" and graph != "lean":
             raise ExportError(f"--compute {compute} needs the lean graph, which does not support this model")
         opset, packed = _write_graph(hf_model, tmp, graph, opset, pack and not quantize, say, compute=compute,
-                                     dtype=dtype)
+                                     dtype=dtype, tokenizer=tokenizer)
         tokenizer.save_pretrained(str(tmp))
         if not (tmp / "tokenizer.json").is_file():
             raise ExportError(f"{model!r} has no fast tokenizer (tokenizer.json); epic-ort's runtime needs one")
@@ -112,8 +112,8 @@ def export(
 
 
 def _write_graph(hf_model: Any, tmp: Path, graph: str, opset: int | None, pack: bool,
-                 say: Callable[[str], None], compute: str = "fp32", dtype: str = "fp32"
-                 ) -> tuple[int | None, int]:
+                 say: Callable[[str], None], compute: str = "fp32", dtype: str = "fp32",
+                 tokenizer: Any = None) -> tuple[int | None, int]:
     """model.onnx (and, for the lean graph, the config files Optimum would write) into `tmp`.
     Returns (the graph's opset, how many products stayed 4-bit)."""
     if graph == "lean":
@@ -122,15 +122,17 @@ def _write_graph(hf_model: Any, tmp: Path, graph: str, opset: int | None, pack: 
 
         say(f"[2/4] writing the lean {hf_model.config.model_type} graph (opset {OPSET}, {dtype})")
         try:
+            peaks = _smoothing_peaks(hf_model, tokenizer, say) if compute == "int8-gemm" else None
             packed = build_lean_onnx(hf_model, tmp / "model.onnx", pack_weights=pack, compute=compute,
-                                     dtype=dtype)
+                                     dtype=dtype, peaks=peaks)
         except NarrowingError as e:  # a weight that overflows fp16: one line, not a traceback
             raise ExportError(f"cannot write the lean graph: {e}") from None
         if packed:
             say(f"      {packed} weight products kept as their exact blocks (lossless)"
                 + (", computed with int8 dot products" if compute == "int8" else ""))
         if compute == "int8-gemm":
-            say("      every product as int8 GEMM: int8 weights per output column, activations per token")
+            say("      every decoder product as int8 GEMM: int8 weights per output column, activations per token,"
+                " smoothed")
         hf_model.config.save_pretrained(str(tmp))
         hf_model.generation_config.save_pretrained(str(tmp))
         return OPSET, packed
@@ -139,6 +141,15 @@ def _write_graph(hf_model: Any, tmp: Path, graph: str, opset: int | None, pack: 
     say("[2/4] exporting to ONNX with Optimum (text-generation-with-past)")
     onnx_export_from_model(hf_model, str(tmp), opset=opset, task="text-generation-with-past", do_validation=False)
     return opset, 0
+
+
+def _smoothing_peaks(hf_model: Any, tokenizer: Any, say: Callable[[str], None]) -> dict:
+    """The activation peaks int8-gemm smooths with, measured on the bundled prose (lean/smoothing.py)."""
+    from .lean.smoothing import activation_peaks, smoothing_text_ids
+
+    ids = smoothing_text_ids(tokenizer)
+    say(f"      measuring activation peaks on {len(ids)} tokens of the bundled prose (for smoothing)")
+    return activation_peaks(hf_model, ids)
 
 
 def _post_process(path: Path, dtype: str, quantize: str | None, say: Callable[[str], None]) -> None:

@@ -17,7 +17,7 @@ from ...runtime.graph import KV_CACHE_KEY, KV_CACHE_SHARED  # the runtime's meta
 
 
 def build_lean_onnx(hf_model: Any, path: Path, opset: int = OPSET, pack_weights: bool = True,
-                    compute: str = "fp32", dtype: str = "fp32") -> int:
+                    compute: str = "fp32", dtype: str = "fp32", peaks: dict[str, np.ndarray] | None = None) -> int:
     """Write `hf_model` (a transformers causal LM that `supports()` accepts, float32 or castable)
     as one lean ONNX graph at `path`, with the inputs/outputs of Optimum's
     text-generation-with-past export plus logits_index and tree_mask.
@@ -27,7 +27,8 @@ def build_lean_onnx(hf_model: Any, path: Path, opset: int = OPSET, pack_weights:
 
     pack_weights: keep weights that are exactly 4-bit blocks as 4-bit (lossless, see packing.py).
     compute: "fp32"; "int8" multiplies those (and exact Q8_0 weights, a tied lm_head included) with
-    int8 dot products; "int8-gemm" runs every product as int8 GEMM (projection.py).
+    int8 dot products; "int8-gemm" runs every decoder product as int8 GEMM (projection.py), smoothed
+    where `peaks` (smoothing.activation_peaks) has its input's activation peaks.
     dtype: "fp32", or "fp16" for GPUs: weights, activations and KV cache in float16, written as such
     (not converted afterwards), logits float32. Returns how many products were packed."""
     import onnx
@@ -54,7 +55,7 @@ def build_lean_onnx(hf_model: Any, path: Path, opset: int = OPSET, pack_weights:
     b = Layers(g, w, arch, dims, qkv_bias=arch.qkv_bias(config), o_bias=arch.o_bias(config),
                activation=arch.activation(config),
                embedding_scale=arch.embedding_scale(config) if arch.embedding_scale else None,
-               project=Projector(g, w, pack_weights, compute), attention_scale=arch.attention_scale(config),
+               project=Projector(g, w, pack_weights, compute, peaks), attention_scale=arch.attention_scale(config),
                windows=windows, attention_softcap=attention_cap, logit_softcap=logit_cap)
 
     local_base = arch.local_rope_base(config) if any(x is not None for x in windows) else None

@@ -13,11 +13,14 @@ MatMulNBits too, at the cost of the activations' rounding. Whether that pays dep
 kernels and on the rows a call carries (one token a row when decoding, tens to hundreds in EPIC's
 trees): bench/int8_kernels.py measures it per machine.
 
-With compute "int8-gemm" (`int8_gemm`) every product, the lm_head included, is ONNX Runtime's int8
+With compute "int8-gemm" (`int8_gemm`) every product of the decoder layers is ONNX Runtime's int8
 GEMM (MatMulInteger): weights rounded to int8 with one scale per output column, activations to uint8 with one scale per
-row (token), at run time. MLAS's blocked GEMM kernels (VNNI, AMX tiles) make this several times
+row (token), at run time, after smoothing (smoothing.py) moves their outlier channels' range into the
+weights. MLAS's blocked GEMM kernels (VNNI, AMX tiles) make this several times
 faster than float32 at tens of rows or more, where MatMulNBits' int8 path, a dot product per block,
 gains little; it costs two roundings instead of none, so it is opt-in and its perplexity is measured.
+The lm_head stays float32: it reads only the rows the sampler needs, and rounding it cost a third
+of int8-gemm's perplexity change.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 
 from ..packing import BLOCK, EightBitWeight, PackedWeight, pack_eight_bit, pack_four_bit
 from .graph import BATCH, MS_DOMAIN, SEQ, GraphBuilder
+from .smoothing import smoothing_scales
 
 _FLOAT32, _UINT8, _INT32 = 1, 2, 6  # onnx.TensorProto's element types
 
@@ -35,9 +39,12 @@ _FLOAT32, _UINT8, _INT32 = 1, 2, 6  # onnx.TensorProto's element types
 class Projector:
     """Writes the products of one graph and counts how many stayed 4-bit."""
 
-    def __init__(self, g: GraphBuilder, weights: dict[str, np.ndarray], pack: bool, compute: str = "fp32") -> None:
-        """compute: "fp32", "int8" (`int8_compute`) or "int8-gemm" (`int8_gemm`), as the module says."""
-        self.g, self.weights, self.pack = g, weights, pack
+    def __init__(self, g: GraphBuilder, weights: dict[str, np.ndarray], pack: bool, compute: str = "fp32",
+                 peaks: dict[str, np.ndarray] | None = None) -> None:
+        """compute: "fp32", "int8" (`int8_compute`) or "int8-gemm" (`int8_gemm`), as the module says.
+        peaks: each product input's largest |activation| per channel, keyed by weight name; int8-gemm
+        smooths the products it has (smoothing.py)."""
+        self.g, self.weights, self.pack, self.peaks = g, weights, pack, peaks or {}
         self.int8_compute, self.int8_gemm = compute == "int8", compute == "int8-gemm"
         self.accuracy_level = 4 if self.int8_compute else 0
         self._quantized: dict[str, tuple[str, str]] = {}  # activation -> its uint8 levels and row scales
@@ -51,7 +58,9 @@ class Projector:
         stacked = np.concatenate([w[k] for k in weights], axis=0) if len(weights) > 1 else w[weights[0]]
         shape = [BATCH, SEQ, stacked.shape[0]]
         if self.int8_gemm:
-            out = self.int8_product(name, x, key, stacked, shape)
+            found = [self.peaks[k] for k in weights if k in self.peaks]
+            peak = np.maximum.reduce(found) if found else None
+            out = self.int8_product(name, x, key, stacked, shape, peak=peak)
             return out if not biases else self._add_bias(name, key, out, biases, shape)
         packed = pack_four_bit(stacked) if self.pack else None
         eight = pack_eight_bit(stacked) if packed is None and self.pack and self.int8_compute else None
@@ -73,11 +82,16 @@ class Projector:
         return self.g.op("Add", name + "/bias", [out, self.g.const(_bias_name(key), bias)], [shape])
 
     def int8_product(self, name: str, x: str, key: str, weight: np.ndarray, shape: list,
-                     output: str | None = None) -> str:
+                     output: str | None = None, peak: np.ndarray | None = None) -> str:
         """x @ weight.T as int8 GEMM: (s_row(x) * s_col) * (levels(x) - 128) @ q(weight).T, where
         s_row = max|x| / 127 per row (rounded to uint8 levels around 128, MatMulInteger's zero point)
-        and q, s_col the weight's symmetric int8 levels and scale per output column."""
+        and q, s_col the weight's symmetric int8 levels and scale per output column. With `peak`
+        (x's largest |entry| per channel on real text), x / s and weight * s replace x and weight."""
         g = self.g
+        if peak is not None:
+            smooth = smoothing_scales(peak, weight)
+            weight = weight * smooth[None, :]
+            x = g.op("Mul", name + "/smooth", [x, g.const(key + ".smoothing", 1 / smooth)], [shape[:-1] + [len(smooth)]])
         levels, column_scale = int8_columns(weight)
         xq, row_scale = self._quantize_rows(x, shape[:-1], weight.shape[1])
         products = g.op("MatMulInteger", name, [xq, g.const(key + ".int8", levels.T),
