@@ -65,8 +65,8 @@ def test_int8_gemm_runs_every_product_as_int8_gemm(gguf_like_exports):
     graph = onnx.load(str(gguf_like_exports["int8-gemm"] / "model.onnx")).graph
     ops = [n.op_type for n in graph.node]
     assert ops.count("MatMulInteger") == 4 * 2  # qkv, o, gate|up, down per layer
-    assert {n.op_type for n in graph.node if n.name == "lm_head"} == {"FusedMatMul"}  # the head stays float32
-    assert not {"MatMulNBits", "MatMul"} & set(ops)
+    assert _matmuls(gguf_like_exports["int8-gemm"])["lm_head"] == ("MatMulNBits", {"bits": 8, "accuracy_level": 4})
+    assert ops.count("MatMulNBits") == 1 and "MatMul" not in ops  # the tied Q8_0 head: 8-bit blocks, as --compute int8
     smooth = [n for n in graph.node if n.name.endswith("/smooth")]
     assert len(smooth) == 4 * 2 and all(n.op_type == "Mul" for n in smooth)
     factors = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer if t.name.endswith(".smoothing")}

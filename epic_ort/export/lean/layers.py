@@ -183,17 +183,19 @@ def lm_head(b: Layers, normed: str, tied: bool) -> None:
     """Only the positions listed in `logits_index` reach the lm_head: a prefill of 8 x 512 tokens
     would otherwise compute (and hold) 8 x 512 x vocab logits to use 8 rows, and EPIC's token
     trees would pay for the padding of their narrower rows. A tied lm_head reads the embedding
-    matrix [vocab, hidden] transposed (com.microsoft FusedMatMul, transB=1): stored once. It is
-    float32 in int8-gemm graphs too (projection.py says why)."""
+    matrix [vocab, hidden] transposed (com.microsoft FusedMatMul, transB=1): stored once. With int8
+    compute of either kind, a tied head whose embedding is exact Q8_0 blocks is 8-bit MatMulNBits
+    with int8 dot products (activations rounded per block of 32, not per token: projection.py)."""
     g, d, names = b.g, b.dims, b.arch.names
     flat = g.op("Reshape", "lm_head/flatten", [normed, g.const("lm_head/rows_hidden", [-1, d.hidden], np.int64)],
                 [[f"{BATCH} * {SEQ}", d.hidden]])
     picked = g.op("Gather", "lm_head/pick", [flat, "logits_index"], [[LOGITS, d.hidden]], axis=0)
     final = "logits" if g.float_elem == _FLOAT else "lm_head/logits"  # fp16 graphs: cast to float32 below
     out = "lm_head/uncapped" if b.logit_softcap else final
-    eight = pack_eight_bit(b.w[names.embed]) if tied and b.project.int8_compute else None
-    if eight is not None:  # int8 compute: the embedding's own Q8_0 blocks, a quarter of the bytes
-        b.project.eight_bit("lm_head", picked, names.embed, eight, [LOGITS, d.vocab], output=out)
+    int8 = b.project.int8_compute or b.project.int8_gemm
+    eight = pack_eight_bit(b.w[names.embed]) if tied and int8 else None
+    if eight is not None:  # the embedding's own Q8_0 blocks (a quarter of the bytes) with int8 dot products
+        b.project.eight_bit("lm_head", picked, names.embed, eight, [LOGITS, d.vocab], output=out, accuracy_level=4)
     elif tied:
         g.op("FusedMatMul", "lm_head", [picked, names.embed], [[LOGITS, d.vocab]], outputs=[out],
              domain=MS_DOMAIN, transA=0, transB=1, alpha=1.0)

@@ -19,8 +19,9 @@ row (token), at run time, after smoothing (smoothing.py) moves their outlier cha
 weights. MLAS's blocked GEMM kernels (VNNI, AMX tiles) make this several times
 faster than float32 at tens of rows or more, where MatMulNBits' int8 path, a dot product per block,
 gains little; it costs two roundings instead of none, so it is opt-in and its perplexity is measured.
-The lm_head stays float32: it reads only the rows the sampler needs, and rounding it cost a third
-of int8-gemm's perplexity change.
+The lm_head is not an int8 GEMM: rounding its activations per token cost a third of int8-gemm's
+perplexity change. A tied head on exact Q8_0 blocks is 8-bit MatMulNBits with int8 dot products
+(activations per block of 32, as compute "int8"); any other head stays float32.
 """
 
 from __future__ import annotations
@@ -142,13 +143,15 @@ class Projector:
 
 
     def eight_bit(self, name: str, x: str, key: str, packed: EightBitWeight, shape: list,
-                  output: str | None = None) -> str:
-        """One 8-bit MatMulNBits (levels q + 128: its default zero point, so no offsets)."""
+                  output: str | None = None, accuracy_level: int | None = None) -> str:
+        """One 8-bit MatMulNBits (levels q + 128: its default zero point, so no offsets). MLAS has no
+        fast float32 path for 8 bits (it dequantizes the whole matrix each call), hence the level."""
         g = self.g
         out_features, in_features = packed.shape
         operands = [x, g.const(key + ".q8_levels", packed.levels), g.const(key + ".q8_scales", packed.scales.reshape(-1))]
         return g.op("MatMulNBits", name, operands, [shape], outputs=[output] if output else None, domain=MS_DOMAIN,
-                    K=in_features, N=out_features, bits=8, block_size=BLOCK, accuracy_level=self.accuracy_level)
+                    K=in_features, N=out_features, bits=8, block_size=BLOCK,
+                    accuracy_level=self.accuracy_level if accuracy_level is None else accuracy_level)
 
 
 def int8_columns(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
