@@ -103,12 +103,11 @@ def _plant_outlier_channels(folder, channels=(3, 17, 40), factor=40.0) -> None:
     idx = list(channels)
     with torch.no_grad():
         for layer in model.model.layers:
-            for norm, readers in ((layer.input_layernorm, ("q_proj", "k_proj", "v_proj")),
-                                  (layer.post_attention_layernorm, ("gate_proj", "up_proj"))):
+            attn, mlp = layer.self_attn, layer.mlp
+            for norm, readers in ((layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj)),
+                                  (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))):
                 norm.weight[idx] *= factor
-                for name in readers:
-                    proj = getattr(layer.self_attn if name.endswith(("q_proj", "k_proj", "v_proj")) else layer.mlp,
-                                   name)
+                for proj in readers:
                     proj.weight[:, idx] /= factor
     model.save_pretrained(str(folder))
 

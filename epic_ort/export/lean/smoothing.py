@@ -11,7 +11,8 @@ which are rounded per output column and tolerate it. a = 0.5 (the paper's defaul
 evenly; 0.7 measured best on a novel that neither the peaks nor the evaluation use (bench/RESULTS.md).
 
 The peaks are measured once, at export time, on the prose shipped with the package (not on any
-text used to evaluate the export). This module needs torch: it runs only inside `export`.
+text used to evaluate the export). `activation_peaks` needs torch: it runs only inside `export`;
+the rest is NumPy, for the graph builder.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 
 STRENGTH = 0.7  # the a above
-MAX_TOKENS = 131072  # of the bundled prose (about 74k tokens there)
+MAX_TOKENS = 131072  # of the bundled prose (SmolLM2's tokenizer makes 68,587 of it)
 CHUNK = 512  # tokens per forward pass while measuring
 SCALE_RANGE = (1e-2, 1e2)  # a channel that never fires (or a zero weight column) keeps a bounded scale
 
